@@ -1,0 +1,201 @@
+"""Configuration: frozen dataclasses, validated when built. Bottom layer.
+
+Each stage reads its own config (:class:`FetchConfig`, :class:`ImageConfig`,
+:class:`OutputConfig`); :class:`Options` bundles them with run-level settings. Shorthand from
+the CLI or ``download(**options)`` is converted once, in :func:`Options.from_kwargs`.
+Defaults follow ``RELIABILITY.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from fetchpool.errors import ConfigError
+
+MiB = 1024 * 1024
+
+ResizeMode = Literal["no", "keep-ratio", "center-crop", "pad"]
+Encode = Literal["keep", "jpeg", "webp", "png"]
+OutputFormat = Literal["files", "webdataset", "parquet"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fetchpool")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """How one URL is fetched: timeouts, limits, retries, politeness, address guard."""
+
+    threads: int = 32
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # idle time between two reads
+    total_timeout: float = 300.0  # per attempt
+    min_speed: int = 1024  # bytes/s averaged over min_speed_window; 0 disables
+    min_speed_window: float = 30.0
+    max_bytes: int = 100 * MiB
+    max_header_bytes: int = 64 * 1024
+    max_redirects: int = 10
+    attempts: int = 3  # total tries per URL, including the first
+    backoff_base: float = 0.5  # seconds; full jitter over base * 2**retry
+    backoff_max: float = 30.0
+    retry_after_max: float = 120.0
+    per_host: int = 8  # concurrent connections per host
+    rate_per_host: float | None = None  # requests per second per host
+    user_agent: str = ""
+    insecure: bool = False
+    allow_private_networks: bool = False
+    allow_cidrs: tuple[str, ...] = ()
+    accept_encoding: str = "identity"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
+        for name in ("connect_timeout", "read_timeout", "total_timeout"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0")
+        _check(self.min_speed >= 0, "min_speed must be >= 0")
+        _check(self.min_speed_window > 0, "min_speed_window must be > 0")
+        _check(self.max_bytes > 0, "max_bytes must be > 0")
+        _check(0 <= self.max_redirects <= 100, "max_redirects must be between 0 and 100")
+        _check(1 <= self.attempts <= 100, "attempts must be between 1 and 100")
+        _check(self.backoff_base >= 0 and self.backoff_max >= 0, "backoff must be >= 0")
+        _check(self.retry_after_max >= 0, "retry_after_max must be >= 0")
+        _check(1 <= self.per_host <= 4096, "per_host must be between 1 and 4096")
+        _check(
+            self.rate_per_host is None or self.rate_per_host > 0, "rate_per_host must be > 0"
+        )
+        for cidr in self.allow_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"--allow-cidr {cidr!r} is not a CIDR network") from exc
+        if not self.user_agent:
+            object.__setattr__(self, "user_agent", f"fetchpool/{_version()}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    """The CPU stage: what to do with each fetched image. Inactive when nothing is asked."""
+
+    resize: int | None = None
+    resize_mode: ResizeMode = "keep-ratio"
+    resize_only_down: bool = False
+    encode: Encode = "keep"
+    quality: int = 90
+    min_size: int | None = None
+    max_pixels: int = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS; lower it, never raise it
+    max_frames: int = 100
+    verify: bool = False
+    processes: int | None = None  # None: os.cpu_count()
+    item_timeout: float = 60.0
+    memory_limit: int | None = 2048 * MiB  # per worker address space; None disables
+
+    def __post_init__(self) -> None:
+        _check(self.resize is None or 1 <= self.resize <= 65535, "resize must be 1..65535")
+        _check(
+            self.resize_mode in ("no", "keep-ratio", "center-crop", "pad"),
+            "resize_mode must be no|keep-ratio|center-crop|pad",
+        )
+        _check(self.encode in ("keep", "jpeg", "webp", "png"), "encode must be keep|jpeg|webp|png")
+        _check(1 <= self.quality <= 100, "quality must be 1..100")
+        _check(self.min_size is None or self.min_size >= 1, "min_size must be >= 1")
+        _check(self.max_pixels >= 1, "max_pixels must be >= 1")
+        _check(self.max_frames >= 1, "max_frames must be >= 1")
+        _check(self.processes is None or self.processes >= 1, "processes must be >= 1")
+        _check(self.item_timeout > 0, "item_timeout must be > 0")
+
+    @property
+    def active(self) -> bool:
+        """True when any image work was asked for (otherwise bytes pass through untouched)."""
+        return (
+            (self.resize is not None and self.resize_mode != "no")
+            or self.encode != "keep"
+            or self.min_size is not None
+            or self.verify
+        )
+
+    @property
+    def worker_count(self) -> int:
+        return self.processes or os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    """Where and how results are written."""
+
+    format: OutputFormat = "files"
+    shard_size: int = 1000
+    sidecar: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format in ("files", "webdataset", "parquet"),
+            "format must be files|webdataset|parquet",
+        )
+        _check(self.shard_size >= 1, "shard_size must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Everything one run needs, validated."""
+
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    input_format: str | None = None  # None: from the file name
+    url_column: str = "url"
+    retry_failed: bool = False
+    window: int | None = None  # items in flight; None: 2 * threads + 16
+
+    def __post_init__(self) -> None:
+        _check(self.window is None or self.window >= 1, "window must be >= 1")
+
+    @property
+    def in_flight(self) -> int:
+        # Twice the threads keeps every thread busy while finished items wait to be journaled;
+        # the +16 absorbs bursts of instant failures without stalling the reader.
+        return self.window or 2 * self.fetch.threads + 16
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> Options:
+        """Build from flat keyword options (``threads=64, resize=256, format="webdataset"``)."""
+        groups: dict[type[Any], dict[str, Any]] = {
+            FetchConfig: {},
+            ImageConfig: {},
+            OutputConfig: {},
+            cls: {},
+        }
+        names = {c: {f.name for f in fields(c)} for c in groups}
+        for key, value in kwargs.items():
+            if key == "allow_cidrs" and isinstance(value, str):
+                value = (value,)
+            if key in ("allow_cidrs", "headers") and isinstance(value, list):
+                value = tuple(value)
+            owner = next((c for c in groups if key in names[c] and c is not cls), None)
+            if owner is None and key in names[cls] and key not in ("fetch", "image", "output"):
+                owner = cls
+            if owner is None:
+                raise ConfigError(f"unknown option {key!r}")
+            groups[owner][key] = value
+        try:
+            return cls(
+                fetch=FetchConfig(**groups[FetchConfig]),
+                image=ImageConfig(**groups[ImageConfig]),
+                output=OutputConfig(**groups[OutputConfig]),
+                **groups[cls],
+            )
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -1,0 +1,96 @@
+"""Safe file primitives shared by every stage that touches the output folder. Bottom layer.
+
+RELIABILITY.md property 1 and 4: nothing outside OUT is created or followed, and no partial
+file ever has a final name. Temp files are created with ``O_EXCL | O_NOFOLLOW`` so a planted
+symlink is never written through; publishing links the temp file to its final name, which fails
+instead of replacing anything already there (a planted symlink included).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+from fetchpool.errors import DiskFullError, OutputError
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+TEMP_PREFIX = ".fp-"
+TEMP_SUFFIX = ".part"
+
+
+def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[BinaryIO, str]:
+    """Create a new, empty temp file in ``directory``; return it open for writing and its path.
+
+    The name is random, so a name planted in advance can only make this call retry.
+    """
+    for _ in range(16):
+        path = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}")
+        try:
+            fd = os.open(path, _CREATE_FLAGS | _CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot create a temp file in {directory}") from exc
+        return os.fdopen(fd, "wb"), path
+    raise OutputError(f"cannot create a unique temp file in {directory}")
+
+
+def finish_temp(handle: BinaryIO) -> None:
+    """Flush and fsync a temp file, then close it: its bytes are on disk before it is named."""
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()
+
+
+def discard(path: str | None) -> None:
+    """Remove a temp file if it exists; never follows anything, never raises."""
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def fsync_dir(directory: Path | str) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(temp_path: str, final_path: str) -> bool:
+    """Give a complete temp file its final name without ever replacing an existing entry.
+
+    Returns False (and leaves both untouched) when ``final_path`` already exists, be it a file,
+    a folder or a symlink planted there. The directory is fsynced so the name survives a crash.
+    """
+    try:
+        os.link(temp_path, final_path, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise translate_os_error(exc, f"cannot publish {final_path}") from exc
+        # Filesystems without hard links: check, then rename (a narrow window, documented).
+        if os.path.lexists(final_path):
+            return False
+        os.rename(temp_path, final_path)
+    else:
+        os.unlink(temp_path)
+    fsync_dir(os.path.dirname(final_path) or ".")
+    return True
+
+
+def translate_os_error(exc: OSError, context: str) -> OutputError:
+    """Map an OSError to the run-level error it means (disk full stops the run)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"{context}: no space left on device")
+    return OutputError(f"{context}: {exc.strerror or exc}")

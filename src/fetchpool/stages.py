@@ -1,0 +1,34 @@
+"""The seams between stages: one Protocol with one main method each. Bottom layer.
+
+Contracts every implementation keeps:
+
+* :class:`Fetcher` makes **one attempt** at a URL (following redirects). It never sleeps for
+  a retry: the scheduler owns retries, backoff and ``Retry-After``, so a slow or rate-limited
+  host costs only its own items, never a thread. On success the record has ``status=OK``,
+  ``temp_path`` (a complete, fsynced temp file inside the run's temp folder), ``bytes``,
+  ``sha256``, ``content_type``, ``extension`` and ``final_url``; on failure ``status=FAILED``
+  with ``error_code`` / ``error_message`` / ``http_status`` / ``retry_after`` and no temp file.
+  It must be safe to call from many threads at once.
+* :class:`Writer` publishes records whose ``temp_path`` is set and returns the records whose
+  publication is now **durable** (file renamed and fsynced, or shard closed). Only those are
+  journaled, so a crash never leaves the journal claiming more than the disk holds. ``close``
+  flushes what is still buffered and returns those records too. Called from one thread.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fetchpool.models import Job, Record
+
+
+class Fetcher(Protocol):
+    def fetch(self, job: Job) -> Record: ...
+
+    def close(self) -> None: ...
+
+
+class Writer(Protocol):
+    def write(self, record: Record) -> list[Record]: ...
+
+    def close(self) -> list[Record]: ...
