@@ -59,6 +59,8 @@ class ErrorCode(StrEnum):
     DUPLICATE = "duplicate"
     ALREADY_DONE = "already_done"
     CANCELLED = "cancelled"
+    # a bug in fetchpool itself: reported, never hidden
+    INTERNAL_ERROR = "internal_error"
 
 
 #: Codes whose failure is transient: a retry inside the same run may succeed.

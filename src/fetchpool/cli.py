@@ -1,0 +1,314 @@
+"""The ``fetchpool`` command line. Subcommands load lazily so ``fetchpool --help`` stays fast.
+
+Exit codes: 0 every item ok; 1 some items failed; 2 usage or run-level failure (bad option,
+unreadable input, unusable or locked output folder, disk full); 130 interrupted by Ctrl-C,
+143 by SIGTERM (state saved: run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+EXIT_OK, EXIT_FAILED, EXIT_RUN_ERROR = 0, 1, 2
+
+_SUBCOMMANDS = {
+    "get": ("fetchpool.cli", "get_command"),
+    "manifest": ("fetchpool.cli", "manifest_command"),
+    "demo": ("fetchpool.demo", "demo_command"),
+    "serve": ("fetchpool.origin.cli", "serve_command"),
+    "lab": ("fetchpool.lab.cli", "lab_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when that subcommand runs (or its help is shown)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _SUBCOMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        command = getattr(importlib.import_module(target[0]), target[1])
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, _SUMMARIES[name]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+_SUMMARIES = {
+    "get": "Download every URL of a list into a folder (resumable).",
+    "manifest": "Export the per-item records of an output folder.",
+    "demo": "Offline demo: sequential vs thread pool against the embedded origin.",
+    "serve": "Run the embedded test origin (images, latency, faults) on loopback.",
+    "lab": "Re-measure the threading notebook's claims on this machine.",
+}
+
+
+def _version() -> str:
+    from fetchpool.config import _version as version
+
+    return version()
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fetchpool", message="fetchpool %(version)s")
+def main() -> None:
+    """fetchpool: download large lists of URLs, images above all, fast and resumably.
+
+    \b
+    Exit codes: 0 all ok, 1 some items failed, 2 usage or run-level failure,
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Re-run to resume.
+    """
+
+
+def _size(value: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a size like 100M") from exc
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, content = value.partition(":")
+    if not sep or not name.strip() or any(c in value for c in "\r\n\0"):
+        raise click.BadParameter(f"{value!r} is not a header like 'Name: value'")
+    return name.strip(), content.strip()
+
+
+def _setup_logging(verbose: int, log_file: str | None) -> None:
+    # The notebook's logging format, plus the thread name: who did what, when.
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(threadName)s: %(message)s", "%H:%M:%S")
+    logger = logging.getLogger("fetchpool")
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    if log_file:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+
+
+@click.command("get")
+@click.argument("source", type=str)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--threads", default=32, show_default=True, help="Fetch threads.")
+@click.option("--per-host", default=8, show_default=True, help="Concurrent fetches per host.")
+@click.option("--rate-per-host", type=float, help="Requests per second per host.")
+@click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds.")
+@click.option("--read-timeout", default=30.0, show_default=True, help="Idle seconds.")
+@click.option(
+    "--timeout",
+    "total_timeout",
+    default=300.0,
+    show_default=True,
+    help="Seconds per attempt, in all.",
+)
+@click.option("--max-bytes", default="100M", show_default=True, help="Largest file (e.g. 20M).")
+@click.option("--max-redirects", default=10, show_default=True)
+@click.option(
+    "--attempts",
+    default=3,
+    show_default=True,
+    help="Tries per URL (transient errors, 408/429/5xx).",
+)
+@click.option("--retry-failed", is_flag=True, help="Re-attempt items that failed in earlier runs.")
+@click.option(
+    "--input-format",
+    type=click.Choice(["txt", "csv", "tsv", "jsonl", "parquet"]),
+    help="Input format (default: from the file name).",
+)
+@click.option("--url-column", default="url", show_default=True, help="CSV/JSONL/Parquet column.")
+@click.option(
+    "--format",
+    "output_format",
+    default="files",
+    show_default=True,
+    type=click.Choice(["files", "webdataset", "parquet"]),
+    help="Output format.",
+)
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--sidecar", is_flag=True, help="Write KEY.json metadata beside each file.")
+@click.option("--resize", type=int, help="Target size in pixels.")
+@click.option(
+    "--resize-mode",
+    default="keep-ratio",
+    show_default=True,
+    type=click.Choice(["keep-ratio", "center-crop", "pad", "no"]),
+)
+@click.option("--resize-only-down", is_flag=True, help="Never upscale.")
+@click.option(
+    "--encode",
+    default="keep",
+    show_default=True,
+    type=click.Choice(["keep", "jpeg", "webp", "png"]),
+)
+@click.option("--quality", default=90, show_default=True, help="JPEG/WebP quality.")
+@click.option("--min-size", type=int, help="Drop images whose smaller side is below this.")
+@click.option("--max-pixels", type=int, help="Decompression-bomb limit (pixels).")
+@click.option("--verify", is_flag=True, help="Check that every image decodes.")
+@click.option("--processes", type=int, help="CPU-stage processes (default: CPU count).")
+@click.option("--user-agent", default="", help="Default: fetchpool/<version>.")
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    callback=lambda c, p, v: tuple(_header(h) for h in v),
+    help="Extra request header 'Name: value' (repeatable).",
+)
+@click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (recorded).")
+@click.option(
+    "--allow-private-networks",
+    is_flag=True,
+    help="Allow loopback/private/link-local destinations (off by default).",
+)
+@click.option("--allow-cidr", "allow_cidrs", multiple=True, help="Allow this network (repeatable).")
+@click.option("--timeline", type=click.Path(path_type=Path), help="Write a timeline SVG here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", count=True, help="Log each item (-vv: debug).")
+@click.option("--log-file", type=click.Path(), help="Also log to this file.")
+def get_command(source: str, out: Path, **kw: Any) -> None:
+    """Download every URL of SOURCE into OUT.
+
+    SOURCE is a .txt (one URL a line), .csv/.tsv, .jsonl or .parquet file (also .gz), or -
+    for stdin. Re-running the same command resumes: finished items are not fetched again.
+    """
+    quiet, verbose, log_file, timeline = (
+        kw.pop("quiet"),
+        kw.pop("verbose"),
+        kw.pop("log_file"),
+        kw.pop("timeline"),
+    )
+    _setup_logging(verbose, log_file)
+    options = _options(kw)
+    sys.exit(_run_get(source, out, options, quiet=quiet, verbose=verbose, timeline=timeline))
+
+
+def _options(kw: dict[str, Any]) -> Any:
+    from fetchpool.config import Options
+    from fetchpool.errors import ConfigError
+
+    kw["max_bytes"] = _size(kw["max_bytes"])
+    kw["format"] = kw.pop("output_format")
+    kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
+    for name in ("max_pixels", "processes", "resize", "min_size", "rate_per_host"):
+        if kw.get(name) is None:
+            kw.pop(name, None)
+    try:
+        return Options.from_kwargs(**kw)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _run_get(
+    source: str, out: Path, options: Any, *, quiet: bool, verbose: int, timeline: Path | None
+) -> int:
+    from rich.console import Console
+
+    from fetchpool.engine.pipeline import Pipeline
+    from fetchpool.errors import FetchpoolError
+    from fetchpool.report.progress import ItemLog, ProgressBar
+    from fetchpool.report.summary import render_summary
+
+    console = Console(stderr=True)
+    observers: list[Any] = []
+    if not quiet and console.is_terminal:
+        observers.append(ProgressBar(console))
+    if verbose:
+        observers.append(ItemLog())
+    recorder = None
+    if timeline is not None:
+        from fetchpool.report.timeline import TimelineObserver
+
+        recorder = TimelineObserver()
+        observers.append(recorder)
+    pipeline = Pipeline(out, options, observers=observers)
+    received = _install_stop_handlers(pipeline, console)
+    try:
+        report = pipeline.run(source)
+    except FetchpoolError as exc:
+        console.print(f"[bold red]fetchpool: {exc}[/bold red]")
+        return EXIT_RUN_ERROR
+    if recorder is not None and timeline is not None:
+        recorder.write(timeline)
+    if not quiet:
+        render_summary(report, console)
+    if report.interrupted and received:
+        return 128 + received[0]
+    return report.exit_code
+
+
+def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:
+    """First SIGINT/SIGTERM: stop taking work, finish in-flight items, save state.
+
+    A second one leaves at once; the journal is consistent at every commit, so at worst the
+    items finished since the last commit are fetched again by the next run.
+    """
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if received:
+            os._exit(128 + received[0])
+        received.append(signum)
+        console.print("[yellow]stopping: finishing in-flight items (again to quit now)[/yellow]")
+        pipeline.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return received
+
+
+@click.command("manifest")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    default="jsonl",
+    show_default=True,
+    type=click.Choice(["jsonl", "csv", "parquet"]),
+)
+@click.option("--status", type=click.Choice(["ok", "failed", "skipped"]), help="Only this status.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write here (default: stdout; required for parquet).",
+)
+def manifest_command(out: Path, fmt: str, status: str | None, output: Path | None) -> None:
+    """Export the per-item records of OUT (credentials redacted)."""
+    from fetchpool.errors import FetchpoolError
+    from fetchpool.models import Status
+    from fetchpool.state.manifest import export_manifest
+
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs -o FILE")
+    try:
+        dest: Any = (
+            output
+            if output is not None
+            else (sys.stdout.buffer if fmt == "parquet" else sys.stdout)
+        )
+        export_manifest(out, dest, fmt=fmt, status=Status(status) if status else None)
+    except FetchpoolError as exc:
+        click.echo(f"fetchpool: {exc}", err=True)
+        sys.exit(EXIT_RUN_ERROR)

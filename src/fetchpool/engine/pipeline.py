@@ -1,0 +1,480 @@
+"""The download pipeline: a bounded scheduler feeding fetch threads, a CPU stage and writers.
+
+::
+
+    read_input ──▶ admit ──(bad line, done before, duplicate)──────────────────▶ finish
+                     │
+                     ▼ per-host queues (HostScheduler: per-host cap, rate, Retry-After)
+                   dispatch ──▶ TaskPool(threads) ── HttpFetcher.fetch(job): one attempt
+                                      │ on_done
+                                      ▼
+                   events queue ◀── ImageStage (process pool), when images are processed
+                     │
+        loop thread: retry? ──▶ scheduler.add_later(backoff / Retry-After)
+                     │ ok
+                     ▼
+                   Writer.write ──▶ durable records ──▶ Journal.put ──▶ observers
+
+Everything stateful (journal, writer, scheduler, observers) is touched only by the loop
+thread, so none of it needs locks; fetch threads and the CPU stage talk to it through one
+queue. At most ``Options.in_flight`` input items are open at once (read but not finished):
+memory grows with concurrency, never with the input's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fetchpool.config import Options
+from fetchpool.engine.runner import Done, TaskPool
+from fetchpool.engine.scheduler import HostScheduler, host_key
+from fetchpool.errors import DiskFullError, FetchpoolError, OutputError
+from fetchpool.events import Broadcast, ItemFinished, Observer, RunFinished, RunStarted
+from fetchpool.models import BadInput, ErrorCode, Job, Record, Status
+from fetchpool.policies import RetriesExhausted, RetryPolicy
+from fetchpool.stages import Fetcher, Writer
+
+log = logging.getLogger("fetchpool")
+
+Source = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+
+
+@dataclass(slots=True)
+class Report:
+    """What a run did. Partial failure is a value: the CLI maps it to an exit code."""
+
+    out: Path
+    counts: dict[str, int] = field(default_factory=dict)  # by status
+    errors: dict[str, int] = field(default_factory=dict)  # failed/skipped by error code
+    bytes: int = 0
+    wall: float = 0.0
+    busy: float = 0.0  # sum of per-attempt fetch times
+    items: int = 0
+    resumed: int = 0  # items already finished by an earlier run, not touched this time
+    interrupted: bool = False
+    fatal: str | None = None  # a run-level failure that stopped the run early
+
+    @property
+    def ok(self) -> int:
+        return self.counts.get(Status.OK, 0)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(Status.FAILED, 0)
+
+    @property
+    def skipped(self) -> int:
+        return self.counts.get(Status.SKIPPED, 0)
+
+    @property
+    def gain(self) -> float:
+        """Concurrency gain: sum of per-item times over wall time (the notebook's comparison)."""
+        return self.busy / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return 2
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def records(self, status: Status | None = None) -> Iterator[Record]:
+        """Every per-item record of the output folder, from its journal (streamed)."""
+        from fetchpool.state.journal import iter_journal
+
+        return iter_journal(self.out, status=status)
+
+    def add(self, record: Record, *, resumed: bool = False) -> None:
+        self.items += 1
+        self.counts[record.status] = self.counts.get(record.status, 0) + 1
+        if record.error_code is not None:
+            self.errors[record.error_code] = self.errors.get(record.error_code, 0) + 1
+        if resumed:
+            self.resumed += 1
+        elif record.status is Status.OK:
+            self.bytes += record.bytes
+
+
+@dataclass(slots=True)
+class _Open:
+    """An input item between admission and its final record."""
+
+    job: Job
+    host: str
+    policy: RetryPolicy
+    attempts: int = 0
+    waiters: list[Job] = field(default_factory=list)  # later duplicates of the same URL
+    parked: bool = False  # handed to a writer that makes it durable later (a shard)
+
+
+class Pipeline:
+    """One run over one output folder. Use :func:`download` unless you need ``stop()``."""
+
+    def __init__(
+        self,
+        out: Path,
+        options: Options,
+        *,
+        fetcher: Fetcher | None = None,
+        observers: Iterable[Observer] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.out = out
+        self.options = options
+        self._custom_fetcher = fetcher
+        self._observers = Broadcast(observers)
+        self._rng = rng or random.Random()
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._open: dict[str, _Open] = {}  # by URL: one fetch per URL, later copies wait
+        self._open_items = 0
+        self._report = Report(out=out)
+
+    def stop(self) -> None:
+        """Ask the run to stop: no new work starts; finished work is kept. Thread-safe."""
+        self._stop.set()
+        self._events.put(("wake", None))
+
+    def run(self, source: Source) -> Report:
+        from fetchpool.inputs import read_input
+        from fetchpool.state.journal import Journal
+
+        started = time.perf_counter()
+        with Journal.open(self.out) as journal:
+            self._journal = journal
+            self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
+            items = read_input(
+                source, format=self.options.input_format, url_column=self.options.url_column
+            )
+            self._loop(items)
+        self._report.wall = time.perf_counter() - started
+        self._observers.on_event(
+            RunFinished(wall=self._report.wall, interrupted=self._report.interrupted)
+        )
+        return self._report
+
+    def _total(self, source: Source) -> int | None:
+        from fetchpool.inputs import estimate_total
+
+        if not isinstance(source, str | os.PathLike) or str(source) == "-":
+            return None
+        try:
+            return estimate_total(source, format=self.options.input_format)
+        except (FetchpoolError, OSError, ValueError):
+            return None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self, items: Iterator[Job | BadInput]) -> None:
+        fetch = self.options.fetch
+        self._scheduler: HostScheduler[_Open] = HostScheduler(fetch.per_host, fetch.rate_per_host)
+        self._fetcher = self._custom_fetcher or self._make_fetcher()
+        self._writer = self._make_writer()
+        self._images = self._make_image_stage()
+        self._pool: TaskPool[Record] = TaskPool(
+            "threads", fetch.threads, name="fetch", on_done=self._fetched
+        )
+        cancel = False
+        try:
+            self._pump(items)
+        except KeyboardInterrupt:
+            # Library use without our signal handler: stop now, keep what is finished.
+            self._report.interrupted = True
+            cancel = True
+        finally:
+            self._shutdown(cancel=cancel)
+
+    def _pump(self, items: Iterator[Job | BadInput]) -> None:
+        exhausted = False
+        while True:
+            if self._stop.is_set():
+                self._report.interrupted = self._report.fatal is None
+                return
+            while not exhausted and self._open_items < self.options.in_flight:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    self._admit(item)
+            self._dispatch()
+            if exhausted and self._open_items == 0:
+                return
+            self._wait_for_events()
+
+    def _wait_for_events(self) -> None:
+        wake = self._scheduler.next_wakeup(time.monotonic())
+        try:
+            kind, payload = self._events.get(timeout=min(wake, 1.0) if wake is not None else 1.0)
+        except queue.Empty:
+            return
+        self._handle(kind, payload)
+        while True:  # drain whatever else is ready before dispatching again
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(kind, payload)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "fetched":
+            self._on_fetched(*payload)
+        elif kind == "processed":
+            self._publish(payload)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _admit(self, item: Job | BadInput) -> None:
+        if isinstance(item, BadInput):
+            self._finish(Record.for_bad_input(item))
+            return
+        prior = self._journal.get(item.position)
+        if prior is not None and prior.url == item.url and self._still_valid(prior):
+            self._report.add(prior, resumed=True)
+            self._observers.on_event(ItemFinished(prior))
+            return
+        self._open_items += 1
+        current = self._open.get(item.url)
+        if current is not None and current.parked:
+            self._open_items -= 1
+            self._finish(_duplicate(item, current.job, Status.OK))
+            return
+        if current is not None:
+            current.waiters.append(item)
+            return
+        earlier = self._journal.find_ok_by_url(item.url)
+        if earlier is not None and earlier.position != item.position and self._on_disk(earlier):
+            self._open_items -= 1
+            self._finish(_duplicate(item, earlier, earlier.status, earlier.path))
+            return
+        entry = _Open(item, host_key(item.url), RetryPolicy.from_config(self.options.fetch))
+        self._open[item.url] = entry
+        self._scheduler.add(entry.host, entry)
+
+    def _still_valid(self, prior: Record) -> bool:
+        """A record from an earlier run that this run keeps as it is."""
+        if prior.status is Status.OK:
+            return self._on_disk(prior)
+        if prior.status is Status.FAILED:
+            return not self.options.retry_failed
+        return prior.status is Status.SKIPPED and prior.error_code is ErrorCode.DUPLICATE
+
+    def _on_disk(self, record: Record) -> bool:
+        if not record.path:
+            return False
+        target = self.out / record.path.split("#", 1)[0]
+        try:
+            size = target.stat().st_size
+        except OSError:
+            return False
+        # A file published by the files writer must still have the bytes we journaled.
+        return "#" in record.path or size == record.bytes
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        budget = self.options.fetch.threads - self._pool.in_flight
+        if budget <= 0 or self._stop.is_set():
+            return
+        for _, entry in self._scheduler.take(time.monotonic(), budget):
+            entry.attempts += 1
+            self._pool.submit(self._fetch_one, entry.job, label=entry.host)
+
+    def _fetch_one(self, job: Job) -> Record:
+        """Runs in a fetch thread: never raises, so every attempt comes back as a record."""
+        try:
+            return self._fetcher.fetch(job)
+        except FetchpoolError as exc:
+            code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
+            return Record.for_job(job).fail(code, str(exc))
+        except Exception as exc:  # a bug must cost one item, never the run
+            log.exception("internal error fetching item %d", job.position)
+            return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+
+    def _fetched(self, done: Done[Record]) -> None:
+        self._events.put(("fetched", (done,)))
+
+    def _on_fetched(self, done: Done[Record]) -> None:
+        record = done.value
+        entry = self._open.get(record.url) if record is not None else None
+        if record is None or entry is None:  # _fetch_one never raises; defensive only
+            return
+        self._report.busy += max(0.0, done.task.end - done.task.start)
+        now = time.monotonic()
+        self._scheduler.release(entry.host, now)
+        record.attempts = entry.attempts
+        if record.error_code is ErrorCode.DISK_FULL:
+            self._fatal(record, "disk full")
+            return
+        if record.status is not Status.OK:
+            self._retry_or_finish(entry, record, now)
+        elif self._images is not None:
+            self._images.submit(record)
+        else:
+            self._publish(record)
+
+    def _retry_or_finish(self, entry: _Open, record: Record, now: float) -> None:
+        policy = entry.policy
+        if not policy.retryable(record):
+            self._finish_open(record)
+            return
+        try:
+            entry.policy = policy.increment(record)
+        except RetriesExhausted:
+            self._finish_open(record)
+            return
+        if self._stop.is_set():
+            # Not journaled: a transient failure during shutdown is retried by the next run.
+            self._open.pop(record.url, None)
+            self._open_items -= 1 + len(entry.waiters)
+            return
+        delay = policy.delay(record, self._rng)
+        if record.retry_after is not None:
+            self._scheduler.slow_down(entry.host, now + delay)
+        log.info(
+            "retrying item %d in %.2fs after %s (attempt %d)",
+            record.position,
+            delay,
+            record.error_code,
+            entry.attempts,
+        )
+        self._scheduler.add_later(entry.host, entry, now + delay)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _publish(self, record: Record) -> None:
+        if record.status is not Status.OK:
+            self._finish_open(record)
+            return
+        try:
+            durable = self._writer.write(record)
+        except DiskFullError as exc:
+            self._fatal(record.fail(ErrorCode.DISK_FULL, str(exc)), str(exc))
+            return
+        except OutputError as exc:
+            durable = [record.fail(ErrorCode.IO_ERROR, str(exc))]
+        if record not in durable:
+            self._park(record)
+        for done in durable:
+            self._finish_open(done)
+
+    def _park(self, record: Record) -> None:
+        """The writer holds this item until its shard is closed: it leaves the window now.
+
+        Otherwise a shard larger than the window would stall the run waiting for itself.
+        """
+        entry = self._open.get(record.url)
+        if entry is None or entry.parked:
+            return
+        entry.parked = True
+        self._open_items -= 1
+        for waiter in entry.waiters:
+            self._open_items -= 1
+            self._finish(_duplicate(waiter, entry.job, Status.OK))
+        entry.waiters.clear()
+
+    def _finish_open(self, record: Record) -> None:
+        entry = self._open.pop(record.url, None)
+        record.temp_path = None
+        self._finish(record)
+        if entry is None or entry.parked:
+            return
+        self._open_items -= 1
+        for waiter in entry.waiters:
+            self._open_items -= 1
+            self._finish(_duplicate(waiter, entry.job, record.status, record.path))
+
+    def _finish(self, record: Record) -> None:
+        self._journal.put(record)
+        self._report.add(record)
+        self._observers.on_event(ItemFinished(record))
+
+    def _fatal(self, record: Record, reason: str) -> None:
+        self._report.fatal = reason
+        self._finish_open(record)
+        self.stop()
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _make_fetcher(self) -> Fetcher:
+        from fetchpool.fetch import AddressGuard, HttpFetcher
+
+        fetch = self.options.fetch
+        guard = AddressGuard(
+            allow_private_networks=fetch.allow_private_networks, allow_cidrs=fetch.allow_cidrs
+        )
+        return HttpFetcher(fetch, self.out / ".fetchpool" / "tmp", guard=guard)
+
+    def _make_writer(self) -> Writer:
+        from fetchpool.outputs import make_writer
+
+        return make_writer(self.out, self.options.output)
+
+    def _make_image_stage(self) -> Any:
+        if not self.options.image.active:
+            return None
+        from fetchpool.process import ImageStage
+
+        def done(record: Record) -> None:
+            self._events.put(("processed", record))
+
+        return ImageStage(self.options.image, self.out / ".fetchpool" / "tmp", done)
+
+    def _shutdown(self, *, cancel: bool) -> None:
+        """Stop the stages in data-flow order, publishing what finished unless cancelling."""
+        pool = self._pool
+        pool.shutdown(cancel=cancel)
+        self._drain_events(cancel)
+        if self._images is not None:
+            self._images.close(cancel=cancel)
+            self._drain_events(cancel)
+        for record in self._writer.close():
+            self._finish_open(record)
+        self._fetcher.close()
+
+    def _drain_events(self, cancel: bool) -> None:
+        while not cancel:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(kind, payload)
+
+
+def _duplicate(job: Job, first: Job | Record, status: Status, path: str | None = None) -> Record:
+    """The record of a later copy of a URL: skipped, pointing at the first copy's output."""
+    record = Record.for_job(job)
+    record.status = Status.SKIPPED
+    record.error_code = ErrorCode.DUPLICATE
+    record.error_message = f"same URL as item {first.position} ({status})"
+    record.path = path
+    return record
+
+
+def download(
+    source: Source,
+    out: str | os.PathLike[str],
+    *,
+    observers: Iterable[Observer] = (),
+    fetcher: Fetcher | None = None,
+    **options: Any,
+) -> Report:
+    """Download every URL of ``source`` into the folder ``out``; return what happened.
+
+    ``source`` is a path to a txt/csv/tsv/jsonl/parquet file, ``"-"`` for stdin, or an iterable
+    of URLs or records. Options are the flat names of :class:`fetchpool.config.Options` and its
+    stage configs (``threads=64``, ``per_host=16``, ``resize=256``, ``format="webdataset"``...).
+    Re-running with the same ``out`` resumes: finished items are not fetched again.
+    """
+    opts = options.pop("options", None) or Options.from_kwargs(**options)
+    pipeline = Pipeline(Path(out), opts, fetcher=fetcher, observers=observers)
+    return pipeline.run(source)

@@ -1,0 +1,33 @@
+"""The public API: every name in __all__ resolves, the list is sorted, and import is cheap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fetchpool
+
+
+def test_all_is_sorted_and_every_name_resolves() -> None:
+    assert fetchpool.__all__ == sorted(fetchpool.__all__)
+    for name in fetchpool.__all__:
+        assert getattr(fetchpool, name) is not None, name
+
+
+def test_unknown_attribute_raises() -> None:
+    try:
+        fetchpool.no_such_thing  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_and_help_do_not_load_heavy_modules() -> None:
+    code = (
+        "import sys, fetchpool.cli;"
+        "heavy = [m for m in ('urllib3', 'PIL', 'rich', 'pyarrow', 'sqlite3') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
