@@ -1,0 +1,129 @@
+"""``fetchpool serve``: run the embedded origin in the foreground.
+
+The lead registers :data:`serve_command` on the main CLI group; ``python -m
+fetchpool.origin.cli`` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from fetchpool.origin.server import ENDPOINTS, Origin
+
+__all__ = ["serve_command"]
+
+
+def _help() -> str:
+    width = max(len(path) for path, _ in ENDPOINTS)
+    rows = "\n".join(f"  {path:<{width}}  {what}" for path, what in ENDPOINTS)
+    return (
+        "Serve deterministic test images and HTTP faults on a local port, until Ctrl-C or "
+        "SIGTERM.\n\n"
+        "Every URL accepts ?latency=SECONDS (replaces --latency/--jitter for that request); "
+        "?n=N picks the image where the path has none. Anything else answers 404.\n\n"
+        f"\b\nEndpoints:\n{rows}"
+    )
+
+
+@click.command("serve", help=_help(), short_help="Serve test images and HTTP faults locally.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to bind (0: any free port).",
+)
+@click.option(
+    "--latency",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait before every response.",
+)
+@click.option(
+    "--jitter",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Extra random wait, uniform in [0, JITTER] seconds.",
+)
+@click.option(
+    "--bandwidth",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Limit each response body to this many bytes/s.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Selects the image set.")
+@click.option(
+    "--write-urls",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True, path_type=Path),
+    help="Write --count image URLs to this file, one per line ('-': stdout).",
+)
+@click.option(
+    "--count",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="How many URLs --write-urls writes.",
+)
+def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
+    host: str,
+    port: int,
+    latency: float,
+    jitter: float,
+    bandwidth: int | None,
+    seed: int,
+    write_urls: Path | None,
+    count: int,
+) -> None:
+    """Run the origin until interrupted (the help text is built by _help())."""
+    origin = Origin(host, port, latency=latency, jitter=jitter, bandwidth=bandwidth, seed=seed)
+    try:
+        origin.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        # The bare URL on its own line, so scripts can read it; the hint goes to stderr.
+        click.echo(origin.base_url, err=write_urls == Path("-"))
+        click.echo("fetchpool origin running; Ctrl-C to stop", err=True)
+        if write_urls is not None:
+            _write_urls(origin, write_urls, count)
+        _wait_for_signal()
+    finally:
+        origin.stop()
+
+
+def _write_urls(origin: Origin, target: Path, count: int) -> None:
+    text = "".join(f"{origin.image_url(n)}\n" for n in range(count))
+    if target == Path("-"):
+        click.echo(text, nl=False)
+        return
+    target.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {count} URLs to {target}")
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM (the server runs in its own thread meanwhile)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # A timed wait keeps the main thread responsive to signals on every platform.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+if __name__ == "__main__":
+    serve_command()
