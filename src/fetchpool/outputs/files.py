@@ -1,0 +1,151 @@
+"""The files writer: one file per item, published under a safe, deterministic name.
+
+Publishing never replaces anything (``fsutil.publish`` links, it does not rename over): a
+name already taken is either our own identical file from an earlier run whose journal row
+was lost (adopted), or something else, in which case ``NAME-2.ext``, ``NAME-3.ext``... are
+tried. A symlink planted at a final name is neither followed nor replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fetchpool import fsutil
+from fetchpool.errors import DiskFullError, OutputError
+from fetchpool.models import ErrorCode, Record
+from fetchpool.outputs.naming import file_name, with_counter
+from fetchpool.state.paths import tmp_dir
+from fetchpool.state.redact import redact_url, redact_urls
+
+#: How many ``-N`` variants are tried before the item fails with IO_ERROR.
+MAX_VARIANTS = 100
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 1024 * 1024
+_TRANSIENT = ("temp_path", "extension", "retry_after")
+
+
+def _file_digest(path: str) -> tuple[int, str] | None:
+    """(size, sha256) of a regular file, never following a symlink; None if not one."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None  # a symlink (ELOOP), a folder, gone...
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        digest = hashlib.sha256()
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+        return info.st_size, digest.hexdigest()
+
+
+def _same_file(existing: str, temp: str) -> bool:
+    """True when ``existing`` is a regular file with exactly the bytes of ``temp``."""
+    try:
+        info = os.lstat(existing)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != Path(temp).stat().st_size:
+            return False
+    except OSError:
+        return False
+    theirs = _file_digest(existing)
+    return theirs is not None and theirs == _file_digest(temp)
+
+
+class FilesWriter:
+    """:class:`fetchpool.stages.Writer` that publishes each body as a file in ``out``.
+
+    Every returned record is durable: its file is linked and the folder fsynced. Called
+    from one thread (the engine's run loop).
+    """
+
+    def __init__(self, out: Path, *, sidecar: bool = False) -> None:
+        self.out = Path(out)
+        self.sidecar = sidecar
+        self._tmp = tmp_dir(self.out)
+
+    def write(self, record: Record) -> list[Record]:
+        """Publish ``record.temp_path``; set ``record.path`` (relative to ``out``).
+
+        Records without a temp file (failures, skips) pass through untouched. A per-item
+        filesystem error fails the item with IO_ERROR; a full disk raises DiskFullError.
+        """
+        temp = record.temp_path
+        if temp is None:
+            return [record]
+        try:
+            name = self._publish(temp, file_name(record.url, record.extension))
+            if name is None:
+                record.fail(
+                    ErrorCode.IO_ERROR,
+                    f"no free file name after {MAX_VARIANTS} tries for {redact_url(record.url)}",
+                )
+            else:
+                record.path = name
+                if self.sidecar:
+                    self._write_sidecar(record, name)
+        except OSError as exc:
+            self._fail(record, fsutil.translate_os_error(exc, "cannot publish a file"))
+        except DiskFullError:
+            raise
+        except OutputError as exc:
+            self._fail(record, exc)
+        finally:
+            fsutil.discard(record.temp_path)
+            record.temp_path = None
+        return [record]
+
+    def close(self) -> list[Record]:
+        """Nothing is buffered: every write is durable when it returns."""
+        return []
+
+    # -- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _fail(record: Record, exc: OutputError) -> None:
+        if isinstance(exc, DiskFullError):
+            raise exc
+        record.path = None
+        record.fail(ErrorCode.IO_ERROR, str(exc))
+
+    def _publish(self, temp: str, name: str) -> str | None:
+        """Give ``temp`` the first free (or identical) variant of ``name``; return it."""
+        for counter in range(1, MAX_VARIANTS + 1):
+            candidate = name if counter == 1 else with_counter(name, counter)
+            final = str(self.out / candidate)
+            if fsutil.publish(temp, final):
+                return candidate
+            if _same_file(final, temp):
+                # A re-run whose journal row was lost: the file is already ours.
+                return candidate
+        return None
+
+    def _write_sidecar(self, record: Record, name: str) -> None:
+        """Write ``KEY.json`` (record fields + meta, URLs redacted) next to the file."""
+        key = name.rpartition(".")[0] or name
+        self._tmp.mkdir(parents=False, exist_ok=True)
+        handle, temp = fsutil.create_temp(self._tmp, suffix=".json")
+        try:
+            try:
+                handle.write(_sidecar_bytes(record))
+            finally:
+                fsutil.finish_temp(handle)
+            # An existing sidecar (from the run that first published this file) is kept.
+            fsutil.publish(temp, str(self.out / f"{key}.json"))
+        finally:
+            fsutil.discard(temp)
+
+
+def _sidecar_bytes(record: Record) -> bytes:
+    fields: dict[str, Any] = {k: v for k, v in asdict(record).items() if k not in _TRANSIENT}
+    fields["url"] = redact_url(record.url)
+    if record.final_url is not None:
+        fields["final_url"] = redact_url(record.final_url)
+    fields["redirects"] = redact_urls(record.redirects)
+    return (json.dumps(fields, ensure_ascii=False, indent=1, default=str) + "\n").encode()

@@ -1,0 +1,390 @@
+"""The SQLite state journal: one row per input position, the source of truth for resume.
+
+Threading: a Journal belongs to the thread that opened it (``check_same_thread=True``). The
+engine calls it only from its run-loop thread, after the writer reports a record durable
+(docs/architecture.md, "Order of durability").
+
+Writes are buffered and committed in batches (every :data:`BATCH_ROWS` rows or
+:data:`BATCH_SECONDS`, whichever comes first). A crash loses at most one batch of rows, whose
+files are already on disk and are adopted as identical when the next run re-fetches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from fetchpool.errors import LockedError, OutputError, StateError
+from fetchpool.models import Record, Status
+from fetchpool.state import schema
+from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
+
+BATCH_ROWS = 500
+BATCH_SECONDS = 1.0
+_URL = schema.NAMES.index("url")
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fetchpool")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- folder checks
+
+
+def check_output_folder(out: Path) -> None:
+    """Raise :class:`OutputError` unless ``out`` is (or can become) a writable folder."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"output folder {out} exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {out} is not writable")
+        return
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output folder {out}: {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder {out}: {parent} is not writable")
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create ``path`` (one level) and insist it is a real folder, never a planted symlink."""
+    try:
+        path.mkdir(exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise OutputError(f"{path} exists and is not a folder (a symlink or a file?)")
+
+
+def _empty_folder(folder: Path) -> None:
+    """Remove leftovers of a killed run; never follows symlinks."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    Path(entry.path).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise OutputError(f"cannot clean {folder}: {exc.strerror or exc}") from exc
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "unknown pid"
+
+
+def acquire_lock(out: Path) -> int:
+    """Take the exclusive, non-blocking run lock of ``out``; return its fd.
+
+    The lock is tied to the open file description, so it is released by the kernel when the
+    process dies however it dies: no stale locks after a crash.
+    """
+    path = lock_path(out)
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LockedError(
+                f"output folder {out} is in use by another fetchpool run ({holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        raise StateError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Clear the pid and release the lock (closing the fd releases the flock)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    """Open the journal database; corrupt or unreadable files raise :class:`StateError`."""
+    try:
+        if read_only:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        try:
+            _configure(conn, read_only=read_only)
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.Error as exc:
+        raise StateError(
+            f"the journal {path} is unreadable ({exc}); move it away to start a fresh run"
+        ) from exc
+    return conn
+
+
+def _configure(conn: sqlite3.Connection, *, read_only: bool) -> None:
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if read_only:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > schema.SCHEMA_VERSION:
+        raise StateError(
+            f"the journal was written by a newer fetchpool (schema {version}); upgrade fetchpool"
+        )
+    conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    # NORMAL in WAL mode keeps the db consistent across power loss; a lost last batch is
+    # re-fetched and adopted (files are made durable before their rows).
+    conn.execute("PRAGMA synchronous = NORMAL")
+    with conn:
+        conn.execute("BEGIN")
+        for statement in schema.DDL:
+            conn.execute(statement)
+        _add_missing_columns(conn)
+        conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Forward-migrate a journal written before a Record field existed."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    for name, sql_type in schema.COLUMNS.items():
+        if name not in present:
+            plain = sql_type.replace(" PRIMARY KEY", "").replace(" NOT NULL", "")
+            conn.execute(f"ALTER TABLE records ADD COLUMN {name} {plain}")
+
+
+# --------------------------------------------------------------------------- Journal
+
+
+class Journal:
+    """The run's journal over ``OUT/.fetchpool/state.db``. Use :meth:`open`; single-threaded."""
+
+    def __init__(self, out: Path, conn: sqlite3.Connection, lock_fd: int, run_id: int) -> None:
+        self.out = Path(out)
+        self.tmp_dir = tmp_dir(self.out)
+        self.run_id = run_id
+        self._conn = conn
+        self._lock_fd: int | None = lock_fd
+        # Rows not yet committed, by position; reads consult them first.
+        self._pending: dict[int, tuple[Any, ...]] = {}
+        self._pending_ok_urls: dict[str, int] = {}
+        self._last_commit = time.monotonic()
+
+    @classmethod
+    def open(cls, out: Path, *, argv: Sequence[str] | None = None) -> Journal:
+        """Prepare ``out`` for a run and open its journal.
+
+        Checks the folder (:class:`OutputError`), creates ``.fetchpool/`` and ``tmp/``, takes
+        the run lock (:class:`LockedError` names the holder's pid), empties ``tmp/``, opens
+        or creates the database (:class:`StateError` if corrupt) and records this run.
+        """
+        out = Path(out)
+        check_output_folder(out)
+        try:
+            # OUT itself may be a symlink the user chose; only our own folders must be real.
+            out.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+        _make_private_dir(state_dir(out))
+        lock_fd = acquire_lock(out)
+        try:
+            _make_private_dir(tmp_dir(out))
+            _empty_folder(tmp_dir(out))
+            conn = connect(db_path(out))
+            try:
+                run_id = _start_run(conn, list(sys.argv if argv is None else argv))
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            release_lock(lock_fd)
+            raise
+        return cls(out, conn, lock_fd, run_id)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, position: int) -> Record | None:
+        """The record of ``position`` (including rows not yet committed), or None."""
+        pending = self._pending.get(position)
+        if pending is not None:
+            return schema.from_row(pending)
+        row = self._query_one(f"{schema.SELECT} WHERE position = ?", (position,))
+        return None if row is None else schema.from_row(row)
+
+    def find_ok_by_url(self, url: str) -> Record | None:
+        """An OK record for exactly ``url`` (indexed), or None. Used to skip duplicates.
+
+        Buffered rows are consulted first. A committed OK row that a still-buffered put has
+        just overwritten with another status can still be found until the next flush.
+        """
+        position = self._pending_ok_urls.get(url)
+        if position is not None:
+            return self.get(position)
+        row = self._query_one(
+            f"{schema.SELECT} WHERE url = ? AND status = 'ok' ORDER BY position LIMIT 1", (url,)
+        )
+        return None if row is None else schema.from_row(row)
+
+    def iter_records(
+        self, status: Status | None = None, *, redact: bool = False
+    ) -> Iterator[Record]:
+        """Stream records ordered by position (optionally one status; URLs redacted)."""
+        self.flush()
+        for row in schema.iter_rows(self._conn, status):
+            record = schema.from_row(row)
+            yield schema.redact_record(record) if redact else record
+
+    def counts(self) -> dict[str, int]:
+        """Counts by status (every :class:`Status`, even at 0), by error code, and ``total``."""
+        self.flush()
+        result = {s.value: 0 for s in Status}
+        total = 0
+        for status, code, n in self._conn.execute(
+            "SELECT status, error_code, count(*) FROM records GROUP BY status, error_code"
+        ):
+            result[status] = result.get(status, 0) + n
+            if code is not None:
+                result[code] = result.get(code, 0) + n
+            total += n
+        result["total"] = total
+        return result
+
+    def _query_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            row: tuple[Any, ...] | None = self._conn.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"journal read failed: {exc}") from exc
+        return row
+
+    # -- writes --------------------------------------------------------------------------
+
+    def put(self, record: Record) -> None:
+        """Insert or replace the row of ``record.position`` (last write wins); buffered."""
+        position = record.position
+        previous = self._pending.get(position)
+        if previous is not None and self._pending_ok_urls.get(previous[_URL]) == position:
+            del self._pending_ok_urls[previous[_URL]]
+        # A row tuple is a snapshot: later mutations of the caller's record do not leak in.
+        self._pending[position] = schema.to_row(record)
+        if record.ok:
+            self._pending_ok_urls.setdefault(record.url, position)
+        due = time.monotonic() - self._last_commit >= BATCH_SECONDS
+        if len(self._pending) >= BATCH_ROWS or due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit buffered rows now."""
+        if not self._pending:
+            self._last_commit = time.monotonic()
+            return
+        rows = list(self._pending.values())
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(schema.UPSERT, rows)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write the journal: {exc}") from exc
+        self._pending.clear()
+        self._pending_ok_urls.clear()
+        self._last_commit = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def close(self) -> None:
+        """Flush, mark the run finished, close the db and release the lock. Idempotent."""
+        if self._lock_fd is None:
+            return
+        try:
+            self.flush()
+            with self._conn:
+                self._conn.execute(
+                    "UPDATE runs SET finished = ? WHERE id = ?", (time.time(), self.run_id)
+                )
+        finally:
+            self._conn.close()
+            fd, self._lock_fd = self._lock_fd, None
+            release_lock(fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def iter_journal(
+    out: Path, *, status: Status | None = None, redact: bool = False
+) -> Iterator[Record]:
+    """Stream the committed records of ``out`` read-only, ordered by position.
+
+    Takes no lock, so it works during a run (showing what is committed so far) and after
+    it. Raises :class:`StateError` when ``out`` has no journal (on first iteration).
+    """
+    path = db_path(Path(out))
+    if not path.is_file():
+        raise StateError(f"no journal in {out} (expected {path}): nothing was run there")
+    conn = connect(path, read_only=True)
+    try:
+        for row in schema.iter_rows(conn, status):
+            record = schema.from_row(row)
+            yield schema.redact_record(record) if redact else record
+    finally:
+        conn.close()
+
+
+def _start_run(conn: sqlite3.Connection, argv: list[str]) -> int:
+    try:
+        with conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (started, version, argv, pid) VALUES (?, ?, ?, ?)",
+                (time.time(), _version(), json.dumps(argv), os.getpid()),
+            )
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot write the journal: {exc}") from exc
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid

@@ -1,0 +1,149 @@
+"""The journal's table layout and the Record <-> row mapping, shared by journal and manifest."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+from fetchpool.errors import StateError
+from fetchpool.models import ErrorCode, Record, Status
+from fetchpool.state.redact import redact_url, redact_urls
+
+SCHEMA_VERSION = 1
+
+#: Record fields never persisted: they only live while an item is in flight.
+TRANSIENT = frozenset({"temp_path", "extension", "retry_after"})
+
+#: Persisted columns and their SQLite types, in Record field order. Checked against
+#: models.Record at import so a new Record field cannot be silently dropped.
+COLUMNS: dict[str, str] = {
+    "position": "INTEGER PRIMARY KEY",
+    "url": "TEXT NOT NULL",
+    "status": "TEXT NOT NULL",
+    "error_code": "TEXT",
+    "error_message": "TEXT",
+    "http_status": "INTEGER",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "bytes": "INTEGER NOT NULL DEFAULT 0",
+    "sha256": "TEXT",
+    "content_type": "TEXT",
+    "final_url": "TEXT",
+    "path": "TEXT",
+    "started": "REAL",
+    "finished": "REAL",
+    "worker": "TEXT",
+    "line": "INTEGER",
+    "meta": "TEXT",  # JSON object
+    "redirects": "TEXT",  # JSON array
+    "width": "INTEGER",
+    "height": "INTEGER",
+    "orig_width": "INTEGER",
+    "orig_height": "INTEGER",
+    "image_format": "TEXT",
+}
+
+JSON_COLUMNS = frozenset({"meta", "redirects"})
+NAMES = tuple(COLUMNS)
+SELECT = f"SELECT {', '.join(NAMES)} FROM records"  # noqa: S608 - fixed column names
+UPSERT = (
+    f"INSERT INTO records ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)}) "  # noqa: S608
+    f"ON CONFLICT(position) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n in NAMES if n != "position")
+)
+
+DDL = (
+    f"CREATE TABLE IF NOT EXISTS records ({', '.join(f'{n} {t}' for n, t in COLUMNS.items())})",
+    # Partial index: only OK rows are looked up by URL (duplicate / already-done checks).
+    "CREATE INDEX IF NOT EXISTS records_ok_url ON records(url) WHERE status = 'ok'",
+    "CREATE INDEX IF NOT EXISTS records_status ON records(status, error_code)",
+    """CREATE TABLE IF NOT EXISTS runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started REAL NOT NULL,
+        finished REAL,
+        version TEXT NOT NULL,
+        argv TEXT NOT NULL,
+        pid INTEGER NOT NULL
+    )""",
+)
+
+PAGE = 1000
+
+
+def _check_columns() -> None:
+    persisted = [f.name for f in fields(Record) if f.name not in TRANSIENT]
+    if persisted != list(COLUMNS):
+        raise RuntimeError(f"journal columns {list(COLUMNS)} do not match Record {persisted}")
+
+
+_check_columns()
+
+
+def _json_default(value: Any) -> str:
+    # Parquet / user meta may hold dates, decimals or bytes: keep them readable.
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON for the meta / redirects columns."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+
+
+def to_row(record: Record) -> tuple[Any, ...]:
+    """The record as a tuple in :data:`NAMES` order."""
+    row: list[Any] = []
+    for name in NAMES:
+        value = getattr(record, name)
+        if name in JSON_COLUMNS:
+            value = to_json(value)
+        elif isinstance(value, Status | ErrorCode):
+            value = value.value
+        row.append(value)
+    return tuple(row)
+
+
+def redact_record(record: Record) -> Record:
+    """Mask credentials in the record's URLs (in place) and return it."""
+    record.url = redact_url(record.url)
+    if record.final_url is not None:
+        record.final_url = redact_url(record.final_url)
+    record.redirects = redact_urls(record.redirects)
+    return record
+
+
+def from_row(row: tuple[Any, ...]) -> Record:
+    """Rebuild a Record from a row in :data:`NAMES` order."""
+    values = dict(zip(NAMES, row, strict=True))
+    try:
+        values["status"] = Status(values["status"])
+        if values["error_code"] is not None:
+            values["error_code"] = ErrorCode(values["error_code"])
+        values["meta"] = json.loads(values["meta"]) if values["meta"] else {}
+        values["redirects"] = json.loads(values["redirects"]) if values["redirects"] else []
+    except ValueError as exc:
+        raise StateError(f"journal row {values['position']} is unreadable: {exc}") from exc
+    return Record(**values)
+
+
+def iter_rows(
+    conn: sqlite3.Connection, status: Status | None, *, page: int = PAGE
+) -> Iterator[tuple[Any, ...]]:
+    """Rows ordered by position, fetched page by page (keyset pagination).
+
+    Each page is its own short query, so no read transaction stays open between pages:
+    callers may write to the journal while iterating, and the WAL can be checkpointed.
+    """
+    where = "position > ?" + (" AND status = ?" if status is not None else "")
+    sql = f"{SELECT} WHERE {where} ORDER BY position LIMIT ?"
+    last = -1
+    while True:
+        args: tuple[Any, ...] = (last, status.value, page) if status else (last, page)
+        rows = conn.execute(sql, args).fetchall()
+        yield from rows
+        if len(rows) < page:
+            return
+        last = rows[-1][0]
