@@ -1,1 +1,32 @@
+"""Writers that publish processed records: plain files, WebDataset tar shards, Parquet shards.
 
+Every writer implements :class:`fetchpool.stages.Writer` and returns a record only once its
+output is durable. Writers are imported lazily: Parquet needs the optional pyarrow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fetchpool.config import OutputConfig
+from fetchpool.stages import Writer
+
+__all__ = ["make_writer"]
+
+
+def make_writer(out: Path, config: OutputConfig) -> Writer:
+    """The writer for ``config.format`` publishing into ``out``.
+
+    Raises :class:`fetchpool.errors.ConfigError` when the format needs a missing extra.
+    """
+    if config.format == "webdataset":
+        from fetchpool.outputs.webdataset import WebDatasetWriter
+
+        return WebDatasetWriter(out, shard_size=config.shard_size)
+    if config.format == "parquet":
+        from fetchpool.outputs.parquet import ParquetWriter
+
+        return ParquetWriter(out, shard_size=config.shard_size)
+    from fetchpool.outputs.files import FilesWriter
+
+    return FilesWriter(out, sidecar=config.sidecar)

@@ -1,0 +1,198 @@
+"""What the dataset writers share: numbered shards, written as temp files, published when full.
+
+A shard is written under a temp name in OUT (``fsutil.create_temp``), fsynced, then linked to
+its final name ``NNNNN<suffix>`` (``fsutil.publish``, which never replaces anything). Records
+are returned to the caller only then, so the journal never claims a sample a crash could lose.
+Numbering continues after the highest shard already in OUT: a resumed run never overwrites one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from fetchpool import fsutil
+from fetchpool.errors import ConfigError, OutputError
+from fetchpool.models import Record, Status
+
+#: Digits in a shard name (``00042.tar``); more appear past 99999 shards, order is kept by
+#: reading the number, not the name.
+SHARD_DIGITS = 5
+#: Names tried when a shard name is unexpectedly taken (planted file) before giving up.
+_PUBLISH_TRIES = 1000
+_EXTENSION = re.compile(r"[a-z0-9]{1,16}")
+
+
+def sample_key(record: Record) -> str:
+    """Unique, sortable key of a sample: its input position, zero-padded."""
+    return f"{record.position:09d}"
+
+
+def sample_extension(record: Record) -> str:
+    """The record's extension without the dot, or ``bin`` when it is missing or odd."""
+    ext = (record.extension or "").lstrip(".").lower()
+    return ext if _EXTENSION.fullmatch(ext) else "bin"
+
+
+def meta_value(value: Any) -> str | None:
+    """An input column as text: strings unchanged, anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def next_shard_index(out: Path, suffix: str) -> int:
+    """One past the highest ``NNNNN<suffix>`` already in ``out`` (0 when there is none)."""
+    pattern = re.compile(rf"(\d{{{SHARD_DIGITS},}}){re.escape(suffix)}")
+    highest = -1
+    with os.scandir(out) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match:
+                highest = max(highest, int(match.group(1)))
+    return highest + 1
+
+
+def remove_stale_parts(out: Path, suffix: str) -> None:
+    """Delete shard temp files a crashed run left in ``out`` (our own random names only).
+
+    Safe because the run holds the output folder's lock: no other writer is using them.
+    """
+    pattern = re.compile(
+        rf"{re.escape(fsutil.TEMP_PREFIX)}[0-9a-f]{{16}}{re.escape(suffix)}{fsutil.TEMP_SUFFIX}"
+    )
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and stat.S_ISREG(
+                entry.stat(follow_symlinks=False).st_mode
+            ):
+                fsutil.discard(entry.path)
+
+
+class ShardedWriter(ABC):
+    """Life cycle of a sharded output; subclasses say how samples go into one shard.
+
+    Implements :class:`fetchpool.stages.Writer`. ``write`` returns the records of a shard
+    only when that shard is published; ``close`` publishes the last, partial shard.
+    """
+
+    suffix: ClassVar[str]
+
+    def __init__(self, out: Path, *, shard_size: int = 1000) -> None:
+        if shard_size < 1:
+            raise ConfigError("shard_size must be >= 1")
+        self.out = Path(out)
+        self.shard_size = shard_size
+        try:
+            remove_stale_parts(self.out, self.suffix)
+            self._next_index = next_shard_index(self.out, self.suffix)
+        except OSError as exc:
+            raise fsutil.translate_os_error(exc, f"cannot read {self.out}") from exc
+        self._pending: list[Record] = []
+        self._handle: BinaryIO | None = None
+        self._temp: str | None = None
+        self._closed = False
+
+    def write(self, record: Record) -> list[Record]:
+        """Add one processed record; returns the records of a shard that just got published."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if record.status is not Status.OK or not record.temp_path:
+            raise ValueError("a writer needs an OK record with a temp_path")
+        handle = self._handle or self._open_shard()
+        try:
+            self._add(handle, record)
+        except OSError as exc:
+            self._abort_shard()
+            raise fsutil.translate_os_error(exc, "cannot write a shard") from exc
+        except BaseException:
+            self._abort_shard()
+            raise
+        self._pending.append(record)
+        if len(self._pending) >= self.shard_size:
+            return self._finish_shard()
+        return []
+
+    def close(self) -> list[Record]:
+        """Publish the last shard if it holds anything; returns its records. Idempotent."""
+        if self._closed:
+            return []
+        self._closed = True
+        if not self._pending:
+            self._abort_shard()
+            return []
+        return self._finish_shard()
+
+    # -- for subclasses ----------------------------------------------------------------------
+
+    def _start(self, handle: BinaryIO) -> None:  # noqa: B027 - optional hook
+        """A new shard's temp file was just created."""
+
+    @abstractmethod
+    def _add(self, handle: BinaryIO, record: Record) -> None:
+        """Put one sample into the open shard (or remember it until ``_seal``)."""
+
+    @abstractmethod
+    def _seal(self, handle: BinaryIO, records: list[Record]) -> None:
+        """Write whatever completes the shard (trailer, footer); the handle stays open."""
+
+    def _aborted(self, records: list[Record]) -> None:  # noqa: B027 - optional hook
+        """The shard was dropped; its records were not published."""
+
+    def _published(self, records: list[Record]) -> None:  # noqa: B027 - optional hook
+        """The shard has its final name; ``records`` are durable."""
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _open_shard(self) -> BinaryIO:
+        handle, temp = fsutil.create_temp(self.out, f"{self.suffix}{fsutil.TEMP_SUFFIX}")
+        self._handle, self._temp = handle, temp
+        try:
+            self._start(handle)
+        except BaseException:
+            self._abort_shard()
+            raise
+        return handle
+
+    def _finish_shard(self) -> list[Record]:
+        handle, temp, records = self._handle, self._temp, self._pending
+        assert handle is not None and temp is not None
+        self._handle, self._temp, self._pending = None, None, []
+        try:
+            self._seal(handle, records)
+            fsutil.finish_temp(handle)
+            name = self._publish(temp)
+        except OSError as exc:
+            self._drop(handle, temp, records)
+            raise fsutil.translate_os_error(exc, "cannot finish a shard") from exc
+        except BaseException:
+            self._drop(handle, temp, records)
+            raise
+        for record in records:
+            record.path = f"{name}#{sample_key(record)}"
+        self._published(records)
+        return records
+
+    def _publish(self, temp: str) -> str:
+        for _ in range(_PUBLISH_TRIES):
+            name = f"{self._next_index:0{SHARD_DIGITS}d}{self.suffix}"
+            self._next_index += 1
+            if fsutil.publish(temp, str(self.out / name)):
+                return name
+        raise OutputError(f"cannot find a free shard name in {self.out}")
+
+    def _abort_shard(self) -> None:
+        handle, temp, records = self._handle, self._temp, self._pending
+        self._handle, self._temp, self._pending = None, None, []
+        if handle is not None and temp is not None:
+            self._drop(handle, temp, records)
+
+    def _drop(self, handle: BinaryIO, temp: str, records: list[Record]) -> None:
+        handle.close()
+        fsutil.discard(temp)
+        self._aborted(records)
