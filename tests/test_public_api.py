@@ -31,3 +31,7 @@ def test_import_and_help_do_not_load_heavy_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_all_matches_the_lazy_export_table() -> None:
+    assert set(fetchpool.__all__) == set(fetchpool._EXPORTS)

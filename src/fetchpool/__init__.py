@@ -69,7 +69,41 @@ _EXPORTS = {
     "run": "fetchpool.engine.runner",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ConfigError",
+    "DiskFullError",
+    "Done",
+    "ErrorCode",
+    "FetchConfig",
+    "FetchError",
+    "FetchpoolError",
+    "HttpFetcher",
+    "ImageConfig",
+    "InputError",
+    "ItemFinished",
+    "Job",
+    "LockedError",
+    "MockFetcher",
+    "MockResponse",
+    "Observer",
+    "Options",
+    "Origin",
+    "OutputConfig",
+    "OutputError",
+    "Pipeline",
+    "ProcessError",
+    "Record",
+    "Report",
+    "Run",
+    "RunFinished",
+    "RunStarted",
+    "StateError",
+    "Status",
+    "TaskPool",
+    "TaskRecord",
+    "download",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -74,9 +74,7 @@ class FetchConfig:
         _check(self.backoff_base >= 0 and self.backoff_max >= 0, "backoff must be >= 0")
         _check(self.retry_after_max >= 0, "retry_after_max must be >= 0")
         _check(1 <= self.per_host <= 4096, "per_host must be between 1 and 4096")
-        _check(
-            self.rate_per_host is None or self.rate_per_host > 0, "rate_per_host must be > 0"
-        )
+        _check(self.rate_per_host is None or self.rate_per_host > 0, "rate_per_host must be > 0")
         for cidr in self.allow_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -179,9 +177,8 @@ class Options:
             cls: {},
         }
         names = {c: {f.name for f in fields(c)} for c in groups}
-        for key, value in kwargs.items():
-            if key == "allow_cidrs" and isinstance(value, str):
-                value = (value,)
+        for key, given in kwargs.items():
+            value = (given,) if key == "allow_cidrs" and isinstance(given, str) else given
             if key in ("allow_cidrs", "headers") and isinstance(value, list):
                 value = tuple(value)
             owner = next((c for c in groups if key in names[c] and c is not cls), None)

@@ -8,6 +8,7 @@ instead of replacing anything already there (a planted symlink included).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -52,10 +53,8 @@ def finish_temp(handle: BinaryIO) -> None:
 def discard(path: str | None) -> None:
     """Remove a temp file if it exists; never follows anything, never raises."""
     if path:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 def fsync_dir(directory: Path | str) -> None:

@@ -29,7 +29,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from fetchpool.stages import Fetcher, Writer
 log = logging.getLogger("fetchpool")
 
 Source = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+#: Builds the fetcher of a run from the run's temp folder (``OUT/.fetchpool/tmp``).
+FetcherFactory = Callable[[Path], Fetcher]
 
 
 @dataclass(slots=True)
@@ -125,7 +127,7 @@ class Pipeline:
         out: Path,
         options: Options,
         *,
-        fetcher: Fetcher | None = None,
+        fetcher: FetcherFactory | None = None,
         observers: Iterable[Observer] = (),
         rng: random.Random | None = None,
     ) -> None:
@@ -178,7 +180,8 @@ class Pipeline:
     def _loop(self, items: Iterator[Job | BadInput]) -> None:
         fetch = self.options.fetch
         self._scheduler: HostScheduler[_Open] = HostScheduler(fetch.per_host, fetch.rate_per_host)
-        self._fetcher = self._custom_fetcher or self._make_fetcher()
+        tmp = self.out / ".fetchpool" / "tmp"
+        self._fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
         self._writer = self._make_writer()
         self._images = self._make_image_stage()
         self._pool: TaskPool[Record] = TaskPool(
@@ -405,14 +408,14 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _make_fetcher(self) -> Fetcher:
+    def _make_fetcher(self, tmp_dir: Path) -> Fetcher:
         from fetchpool.fetch import AddressGuard, HttpFetcher
 
         fetch = self.options.fetch
         guard = AddressGuard(
             allow_private_networks=fetch.allow_private_networks, allow_cidrs=fetch.allow_cidrs
         )
-        return HttpFetcher(fetch, self.out / ".fetchpool" / "tmp", guard=guard)
+        return HttpFetcher(fetch, tmp_dir, guard=guard)
 
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer
@@ -465,7 +468,7 @@ def download(
     out: str | os.PathLike[str],
     *,
     observers: Iterable[Observer] = (),
-    fetcher: Fetcher | None = None,
+    fetcher: FetcherFactory | None = None,
     **options: Any,
 ) -> Report:
     """Download every URL of ``source`` into the folder ``out``; return what happened.
@@ -474,6 +477,7 @@ def download(
     of URLs or records. Options are the flat names of :class:`fetchpool.config.Options` and its
     stage configs (``threads=64``, ``per_host=16``, ``resize=256``, ``format="webdataset"``...).
     Re-running with the same ``out`` resumes: finished items are not fetched again.
+    ``fetcher`` replaces the HTTP client (e.g. ``lambda tmp: MockFetcher(handler, tmp)``).
     """
     opts = options.pop("options", None) or Options.from_kwargs(**options)
     pipeline = Pipeline(Path(out), opts, fetcher=fetcher, observers=observers)
