@@ -1,0 +1,521 @@
+"""The HTTP fetcher: one attempt per call, on urllib3, behind the address guard.
+
+::
+
+    fetch(job)
+      └─ for each hop (≤ max_redirects):  parse URL ─▶ guard.resolve (every address checked)
+           ─▶ pooled connection pinned to the checked address ─▶ GET (no urllib3 retries or
+           redirects) ─▶ 3xx: drain, validate Location, next hop │ non-2xx: HTTP_ERROR
+           │ 2xx: stream into a temp file (sha256, size cap, deadline, min speed) ─▶ Record
+
+Failures become a failed :class:`Record` with a stable :class:`ErrorCode`; the scheduler decides
+about retries (``fetchpool.policies``). Only run-level problems raise: a full disk
+(:class:`DiskFullError`) or an unusable temp folder (:class:`OutputError`).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import http.client
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+from urllib.parse import unquote, urljoin, urlsplit
+
+from urllib3 import BaseHTTPResponse, HTTPHeaderDict, PoolManager
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationValueError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import Timeout, Url, parse_url
+
+from fetchpool import fsutil
+from fetchpool.config import FetchConfig
+from fetchpool.errors import DiskFullError, FetchError
+from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
+from fetchpool.fetch.guard import AddressGuard
+from fetchpool.fetch.transport import Watch, Watchdog, build_pool_manager
+from fetchpool.models import ErrorCode, Job, Record, Status
+from fetchpool.policies import parse_retry_after
+from fetchpool.redact import redact_text, redact_url
+
+__all__ = ["CHUNK_SIZE", "ERROR_BODY_LIMIT", "HttpFetcher"]
+
+#: Bytes asked for per read: big enough for throughput, small enough to check limits often.
+CHUNK_SIZE = 128 * 1024
+#: Error and redirect bodies up to this size are read (and dropped) to keep the connection.
+ERROR_BODY_LIMIT = 64 * 1024
+#: Pools kept alive at once (one per host and address); older ones are closed first.
+NUM_POOLS = 1024
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+_SCHEMES = ("http", "https")
+_MESSAGE_LIMIT = 500
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The deadline of one attempt (all hops included), on the injected monotonic clock."""
+
+    deadline: float
+    clock: Callable[[], float]
+    watch: Watch
+
+    def remaining(self) -> float:
+        return self.deadline - self.clock()
+
+    def expired(self) -> bool:
+        return self.watch.expired or self.remaining() <= 0
+
+    def ensure_time(self, total_timeout: float) -> float:
+        left = self.remaining()
+        if left <= 0:
+            raise FetchError(
+                ErrorCode.TOTAL_TIMEOUT, f"attempt exceeded total_timeout={total_timeout:g}s"
+            )
+        return left
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One hop's URL, parsed once: the host checked is the host connected to."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    request_uri: str
+    auth: str | None
+
+    @property
+    def origin(self) -> tuple[str, int]:
+        return (self.host.lower(), self.port)
+
+
+class _Throughput:
+    """Minimum speed: bytes per second averaged over consecutive windows of ``window`` s."""
+
+    def __init__(self, clock: Callable[[], float], min_speed: int, window: float) -> None:
+        self._clock = clock
+        self._min_speed = min_speed
+        self._window = window
+        self._since = clock()
+        self._base = 0
+
+    def update(self, total: int) -> None:
+        if self._min_speed <= 0:
+            return
+        now = self._clock()
+        elapsed = now - self._since
+        if elapsed < self._window:
+            return
+        rate = (total - self._base) / elapsed
+        if rate < self._min_speed:
+            raise FetchError(
+                ErrorCode.TOO_SLOW,
+                f"{rate:.0f} B/s over {elapsed:.1f}s, below min_speed={self._min_speed} B/s",
+            )
+        self._since, self._base = now, total
+
+
+class HttpFetcher:
+    """:class:`fetchpool.stages.Fetcher` over HTTP(S); safe to share between threads.
+
+    ``tmp_dir`` receives the temp files (same filesystem as the output). ``guard`` defaults to
+    one built from ``config``; ``clock`` is the monotonic clock used for deadlines and speed.
+    """
+
+    def __init__(
+        self,
+        config: FetchConfig,
+        tmp_dir: Path,
+        *,
+        guard: AddressGuard | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._tmp_dir = Path(tmp_dir)
+        self._guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
+        self._clock = clock
+        self._watchdog = Watchdog(clock)
+        self._manager: PoolManager = build_pool_manager(
+            per_host=config.per_host,
+            num_pools=NUM_POOLS,
+            insecure=config.insecure,
+            max_header_bytes=config.max_header_bytes,
+            timeout=Timeout(connect=config.connect_timeout, read=config.read_timeout),
+        )
+
+    def fetch(self, job: Job) -> Record:
+        """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
+        record = Record.for_job(job)
+        record.started = time.time()
+        record.worker = threading.current_thread().name
+        deadline = self._clock() + self._config.total_timeout
+        try:
+            with self._watchdog.watch(deadline) as watch:
+                self._follow(record, _Attempt(deadline, self._clock, watch))
+        except FetchError as exc:
+            _fail(record, exc)
+        finally:
+            record.finished = time.time()
+        return record
+
+    def close(self) -> None:
+        """Close every pooled connection and stop the deadline watchdog."""
+        self._watchdog.close()
+        self._manager.clear()
+
+    # -- hops ---------------------------------------------------------------------------------
+
+    def _follow(self, record: Record, attempt: _Attempt) -> None:
+        url = record.url
+        headers = self._initial_headers(_parse_target(url))
+        seen = {url}
+        while True:
+            target = _parse_target(url)
+            response = self._open(target, headers, attempt)
+            location = _redirect_location(response)
+            if location is None:
+                record.final_url = redact_url(url)
+                self._receive(response, record, target, attempt)
+                return
+            self._discard_body(response, attempt)
+            next_url = self._next_hop(target, location, record)
+            if next_url in seen or len(record.redirects) > self._config.max_redirects:
+                raise FetchError(
+                    ErrorCode.TOO_MANY_REDIRECTS,
+                    f"{len(record.redirects)} redirects"
+                    + (" (loop)" if next_url in seen else "")
+                    + f", max_redirects={self._config.max_redirects}",
+                    http_status=response.status,
+                )
+            seen.add(next_url)
+            if _parse_target(next_url).origin != target.origin:
+                headers = _without_credentials(headers)
+            url = next_url
+
+    def _initial_headers(self, target: _Target) -> HTTPHeaderDict:
+        headers = HTTPHeaderDict()
+        headers["User-Agent"] = self._config.user_agent
+        headers["Accept-Encoding"] = self._config.accept_encoding
+        headers["Accept"] = "*/*"
+        for name, value in self._config.headers:
+            headers[name] = value
+        auth = _basic_auth(target.auth)
+        if auth is not None:
+            headers["Authorization"] = auth
+        return headers
+
+    def _next_hop(self, target: _Target, location: str, record: Record) -> str:
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in location):
+            raise FetchError(ErrorCode.REDIRECT_REFUSED, "redirect Location has control bytes")
+        next_url = urljoin(target.url, location.strip())
+        record.redirects.append(redact_url(next_url))
+        scheme = urlsplit(next_url).scheme.lower()
+        if scheme not in _SCHEMES:
+            raise FetchError(
+                ErrorCode.REDIRECT_REFUSED, f"redirect to a {scheme or 'relative'}: URL refused"
+            )
+        if target.scheme == "https" and scheme == "http":
+            raise FetchError(
+                ErrorCode.REDIRECT_REFUSED,
+                f"https to http downgrade refused: {redact_url(next_url)}",
+            )
+        return next_url
+
+    # -- one request --------------------------------------------------------------------------
+
+    def _open(
+        self, target: _Target, headers: HTTPHeaderDict, attempt: _Attempt
+    ) -> BaseHTTPResponse:
+        addresses = self._guard.resolve(target.host, target.port)
+        last: FetchError | None = None
+        for address in addresses:
+            try:
+                return self._request(target, str(address), headers, attempt)
+            except FetchError as exc:
+                # Another address of the same (checked) name may work: dual-stack hosts with
+                # a broken IPv6 route are common. Anything past connecting is final.
+                if exc.code is not ErrorCode.CONNECT_ERROR:
+                    raise
+                last = exc
+        assert last is not None  # resolve() never returns an empty list
+        raise last
+
+    def _request(
+        self, target: _Target, ip: str, headers: HTTPHeaderDict, attempt: _Attempt
+    ) -> BaseHTTPResponse:
+        left = attempt.ensure_time(self._config.total_timeout)
+        timeout = Timeout(
+            connect=min(self._config.connect_timeout, left),
+            read=min(self._config.read_timeout, left),
+        )
+        pool = self._manager.connection_from_host(
+            target.host, target.port, target.scheme, pool_kwargs={"pinned_ip": ip}
+        )
+        try:
+            return pool.urlopen(
+                "GET",
+                target.request_uri,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                timeout=timeout,
+                preload_content=False,
+                decode_content=False,
+                enforce_content_length=True,
+                assert_same_host=False,
+                release_conn=False,
+            )
+        except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
+            raise self._translate(exc, attempt) from exc
+
+    # -- the response -------------------------------------------------------------------------
+
+    def _receive(
+        self, response: BaseHTTPResponse, record: Record, target: _Target, attempt: _Attempt
+    ) -> None:
+        record.http_status = response.status
+        record.content_type = response.headers.get("Content-Type")
+        if not 200 <= response.status < 300:
+            self._refuse_status(response, record, attempt)
+        try:
+            length = self._declared_length(response)
+            self._save_body(response, record, target, length, attempt)
+        except BaseException:
+            _abandon(response)
+            raise
+        response.release_conn()
+
+    def _refuse_status(self, response: BaseHTTPResponse, record: Record, attempt: _Attempt) -> None:
+        if response.status in (429, 503):
+            record.retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        self._discard_body(response, attempt)
+        reason = f" {response.reason}" if response.reason else ""
+        raise FetchError(
+            ErrorCode.HTTP_ERROR, f"HTTP {response.status}{reason}", http_status=response.status
+        )
+
+    def _declared_length(self, response: BaseHTTPResponse) -> int | None:
+        headers = response.headers
+        if "Content-Length" in headers and "Transfer-Encoding" in headers:
+            # RFC 9112 6.3: a sender must not send both; it is how requests get smuggled.
+            raise FetchError(
+                ErrorCode.PROTOCOL_ERROR, "both Content-Length and Transfer-Encoding sent"
+            )
+        length = response.length_remaining
+        if length is not None and length > self._config.max_bytes:
+            raise FetchError(
+                ErrorCode.TOO_LARGE,
+                f"Content-Length {length} exceeds max_bytes={self._config.max_bytes}",
+            )
+        return length
+
+    def _save_body(
+        self,
+        response: BaseHTTPResponse,
+        record: Record,
+        target: _Target,
+        length: int | None,
+        attempt: _Attempt,
+    ) -> None:
+        handle, path = fsutil.create_temp(self._tmp_dir)
+        try:
+            digest, size, head = self._stream(response, handle, length, attempt)
+            _local_io(fsutil.finish_temp, handle)
+        except BaseException:
+            handle.close()
+            fsutil.discard(path)
+            raise
+        record.temp_path = path
+        record.bytes = size
+        record.sha256 = digest
+        record.extension = sniff_extension(record.content_type, head, target.url)
+        record.status = Status.OK
+
+    def _stream(
+        self, response: BaseHTTPResponse, handle: BinaryIO, length: int | None, attempt: _Attempt
+    ) -> tuple[str, int, bytes]:
+        hasher = hashlib.sha256()
+        meter = _Throughput(self._clock, self._config.min_speed, self._config.min_speed_window)
+        head = b""
+        size = 0
+        while chunk := self._read_chunk(response, attempt, length, size):
+            size += len(chunk)
+            if size > self._config.max_bytes:
+                raise FetchError(
+                    ErrorCode.TOO_LARGE, f"body exceeds max_bytes={self._config.max_bytes}"
+                )
+            _local_io(handle.write, chunk)
+            hasher.update(chunk)
+            if len(head) < HEAD_BYTES:
+                head += chunk[: HEAD_BYTES - len(head)]
+            meter.update(size)
+        if attempt.watch.expired:  # the watchdog ended the body: EOF is not the real end
+            raise FetchError(ErrorCode.TOTAL_TIMEOUT, self._total_timeout_message())
+        if length is not None and size < length:
+            raise FetchError(ErrorCode.INCOMPLETE_BODY, f"got {size} of {length} bytes")
+        return hasher.hexdigest(), size, head
+
+    def _read_chunk(
+        self, response: BaseHTTPResponse, attempt: _Attempt, length: int | None, size: int
+    ) -> bytes:
+        left = attempt.ensure_time(self._config.total_timeout)
+        _set_read_timeout(response, min(self._config.read_timeout, left))
+        try:
+            # read1: return what has arrived (one recv at most) so that the deadline and
+            # speed checks run between reads, even on a body that trickles in.
+            return response.read1(CHUNK_SIZE)
+        except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
+            error = self._translate(exc, attempt)
+            if error.code is ErrorCode.PROTOCOL_ERROR and length is not None:
+                # The connection broke before the announced length: a short body (retried).
+                error = FetchError(
+                    ErrorCode.INCOMPLETE_BODY,
+                    f"body ended after {size} of {length} bytes: {_describe(exc)}",
+                )
+            raise error from exc
+
+    def _discard_body(self, response: BaseHTTPResponse, attempt: _Attempt) -> None:
+        """Read a small unwanted body so the connection can be reused; else close it."""
+        length = response.length_remaining
+        if length is None or length <= ERROR_BODY_LIMIT:
+            budget = ERROR_BODY_LIMIT
+            try:
+                while budget > 0 and not attempt.expired():
+                    _set_read_timeout(response, min(self._config.read_timeout, attempt.remaining()))
+                    chunk = response.read1(min(CHUNK_SIZE, budget))
+                    if not chunk:
+                        response.release_conn()
+                        return
+                    budget -= len(chunk)
+            except (HTTPError, http.client.HTTPException, OSError, ValueError):
+                pass
+        _abandon(response)
+
+    def _translate(self, exc: BaseException, attempt: _Attempt) -> FetchError:
+        """Map a urllib3 / http.client / socket error to the item's error code."""
+        code, what = _classify(exc)
+        if attempt.expired() and not isinstance(exc, FetchError):
+            # Past the deadline, whatever broke (a timeout, or a socket the watchdog shut
+            # down) broke because time ran out.
+            return FetchError(ErrorCode.TOTAL_TIMEOUT, self._total_timeout_message())
+        return FetchError(code, f"{what}: {_describe(exc)}")
+
+    def _total_timeout_message(self) -> str:
+        return f"attempt exceeded total_timeout={self._config.total_timeout:g}s"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+# First match wins: NewConnectionError subclasses ConnectTimeoutError, so it comes first.
+_CLASSIFICATION: tuple[tuple[tuple[type[BaseException], ...], ErrorCode, str], ...] = (
+    ((NewConnectionError,), ErrorCode.CONNECT_ERROR, "cannot connect"),
+    ((ConnectTimeoutError,), ErrorCode.CONNECT_TIMEOUT, "connect timed out"),
+    ((ReadTimeoutError, TimeoutError), ErrorCode.READ_TIMEOUT, "read timed out"),
+    ((SSLError,), ErrorCode.TLS_ERROR, "TLS error"),
+    ((LocationValueError,), ErrorCode.INVALID_URL, "invalid URL"),
+    (
+        (ProtocolError, HTTPError, http.client.HTTPException, ValueError),
+        ErrorCode.PROTOCOL_ERROR,
+        "protocol error",
+    ),
+)
+
+
+def _classify(exc: BaseException) -> tuple[ErrorCode, str]:
+    if isinstance(exc, FetchError):
+        return exc.code, exc.message
+    for kinds, code, what in _CLASSIFICATION:
+        if isinstance(exc, kinds):
+            return code, what
+    return ErrorCode.CONNECT_ERROR, "connection failed"
+
+
+def _describe(exc: BaseException) -> str:
+    text = redact_text(str(exc) or type(exc).__name__)
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
+
+
+def _fail(record: Record, exc: FetchError) -> None:
+    record.fail(exc.code, redact_text(exc.message))
+    if exc.http_status is not None:
+        record.http_status = exc.http_status
+    record.status = Status.FAILED
+    record.temp_path = None
+
+
+def _parse_target(url: str) -> _Target:
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise FetchError(ErrorCode.INVALID_URL, "URL contains spaces or control bytes")
+    try:
+        parsed: Url = parse_url(url)
+    except LocationValueError as exc:
+        raise FetchError(ErrorCode.INVALID_URL, f"cannot parse URL: {_describe(exc)}") from exc
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in _SCHEMES:
+        raise FetchError(ErrorCode.UNSUPPORTED_SCHEME, f"scheme {scheme or '(none)'!r} refused")
+    if not parsed.host:
+        raise FetchError(ErrorCode.INVALID_URL, "URL has no host")
+    port = parsed.port or (443 if scheme == "https" else 80)
+    return _Target(url, scheme, parsed.host, port, parsed.request_uri, parsed.auth)
+
+
+def _redirect_location(response: BaseHTTPResponse) -> str | None:
+    if response.status not in _REDIRECT_STATUSES:
+        return None
+    location = response.headers.get("Location")
+    return location if location else None
+
+
+def _basic_auth(userinfo: str | None) -> str | None:
+    if not userinfo:
+        return None
+    user, _, password = userinfo.partition(":")
+    token = f"{unquote(user)}:{unquote(password)}".encode()
+    return "Basic " + base64.b64encode(token).decode("ascii")
+
+
+def _without_credentials(headers: HTTPHeaderDict) -> HTTPHeaderDict:
+    kept = headers.copy()
+    for name in _CREDENTIAL_HEADERS:
+        kept.discard(name)
+    return kept
+
+
+def _set_read_timeout(response: BaseHTTPResponse, seconds: float) -> None:
+    # urllib3 fixes the read timeout when the request starts; narrowing it per read makes
+    # every blocking recv end by the attempt's deadline.
+    sock = getattr(response.connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
+
+
+def _abandon(response: BaseHTTPResponse) -> None:
+    """Close the response and its connection: it is in an unknown state, never reused."""
+    response.close()
+    response.release_conn()
+
+
+def _local_io(operation: Callable[..., _T], *args: object) -> _T:
+    """Run a local file operation; a full disk stops the run, other errors fail the item."""
+    try:
+        return operation(*args)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left writing to {exc.filename or 'temp'}") from exc
+        raise FetchError(ErrorCode.IO_ERROR, f"writing the temp file: {exc.strerror}") from exc
