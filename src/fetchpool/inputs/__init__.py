@@ -10,7 +10,7 @@ from fetchpool.inputs.readers import (
     read_input,
 )
 from fetchpool.inputs.urls import MAX_URL_LENGTH, InvalidURLError, validate_url
-from fetchpool.state.redact import redact_url
+from fetchpool.redact import redact_url
 
 __all__ = [
     "FORMATS",

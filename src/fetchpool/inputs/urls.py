@@ -16,7 +16,7 @@ from urllib3.util import parse_url
 
 from fetchpool.errors import ItemError
 from fetchpool.models import ErrorCode
-from fetchpool.state.redact import redact_url
+from fetchpool.redact import redact_url
 
 MAX_URL_LENGTH = 8192
 ALLOWED_SCHEMES = frozenset({"http", "https"})

@@ -20,8 +20,8 @@ from fetchpool import fsutil
 from fetchpool.errors import DiskFullError, OutputError
 from fetchpool.models import ErrorCode, Record
 from fetchpool.outputs.naming import file_name, with_counter
+from fetchpool.redact import redact_url, redact_urls
 from fetchpool.state.paths import tmp_dir
-from fetchpool.state.redact import redact_url, redact_urls
 
 #: How many ``-N`` variants are tried before the item fails with IO_ERROR.
 MAX_VARIANTS = 100

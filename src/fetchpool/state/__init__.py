@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fetchpool.redact import redact_url
 from fetchpool.state.journal import (
     BATCH_ROWS,
     BATCH_SECONDS,
@@ -11,7 +12,6 @@ from fetchpool.state.journal import (
 )
 from fetchpool.state.manifest import ManifestFormat, export_manifest
 from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
-from fetchpool.state.redact import redact_url
 
 __all__ = [
     "BATCH_ROWS",

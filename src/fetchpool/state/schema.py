@@ -10,7 +10,7 @@ from typing import Any
 
 from fetchpool.errors import StateError
 from fetchpool.models import ErrorCode, Record, Status
-from fetchpool.state.redact import redact_url, redact_urls
+from fetchpool.redact import redact_url, redact_urls
 
 SCHEMA_VERSION = 1
 
