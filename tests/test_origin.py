@@ -555,3 +555,12 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.parametrize("process", [False, True])
+def test_warm_renders_images_before_they_are_requested(process: bool) -> None:
+    with Origin(process=process) as server:
+        server.warm(3)
+        assert server.requests() == []  # warming is not a request
+        with urllib3.PoolManager() as http:
+            assert http.request("GET", server.image_url(2)).data == server.image_bytes(2)

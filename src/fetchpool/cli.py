@@ -247,7 +247,7 @@ def _run_get(
     try:
         report = pipeline.run(source)
     except FetchpoolError as exc:
-        console.print(f"[bold red]fetchpool: {exc}[/bold red]")
+        click.echo(f"fetchpool: {_error_kind(exc)}: {exc}", err=True)
         return EXIT_RUN_ERROR
     if recorder is not None and timeline is not None:
         recorder.write(timeline)
@@ -256,6 +256,21 @@ def _run_get(
     if report.interrupted and received:
         return 128 + received[0]
     return report.exit_code
+
+
+def _error_kind(exc: Exception) -> str:
+    """A stable word for a run-level failure, for scripts that read stderr."""
+    from fetchpool import errors
+
+    kinds: list[tuple[type[Exception], str]] = [
+        (errors.LockedError, "locked"),
+        (errors.DiskFullError, "disk_full"),
+        (errors.OutputError, "output_error"),
+        (errors.InputError, "input_error"),
+        (errors.StateError, "state_error"),
+        (errors.ConfigError, "usage"),
+    ]
+    return next((kind for cls, kind in kinds if isinstance(exc, cls)), "error")
 
 
 def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:

@@ -43,6 +43,7 @@ def run_demo(out: Path, *, count: int, latency: float, threads: int) -> list[Dem
     runs = []
     # A child process serves, so the origin does not share this process's GIL.
     with Origin(latency=latency, process=True) as origin:
+        origin.warm(count)
         urls = [origin.image_url(n) for n in range(count)]
         for mode, n_threads in (("sequential", 1), ("thread pool", threads)):
             folder = base / mode.replace(" ", "-")

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from fetchpool.events import Event, ItemFinished, RunFinished, RunStarted
 from fetchpool.models import Status
+from fetchpool.redact import redact_text, redact_url
 
 log = logging.getLogger("fetchpool")
 
@@ -104,4 +105,7 @@ class ItemLog:
                 r.worker,
             )
         else:
-            log.info("%s #%d %s: %s %s", r.status, r.position, r.url, r.error_code, r.error_message)
+            message = redact_text(r.error_message or "")
+            log.info(
+                "%s #%d %s: %s %s", r.status, r.position, redact_url(r.url), r.error_code, message
+            )
