@@ -65,11 +65,13 @@ def fsync_dir(directory: Path | str) -> None:
         os.close(fd)
 
 
-def publish(temp_path: str, final_path: str) -> bool:
+def publish(temp_path: str, final_path: str, *, sync_dir: bool = True) -> bool:
     """Give a complete temp file its final name without ever replacing an existing entry.
 
     Returns False (and leaves both untouched) when ``final_path`` already exists, be it a file,
-    a folder or a symlink planted there. The directory is fsynced so the name survives a crash.
+    a folder or a symlink planted there. The directory is fsynced so the name survives a crash,
+    unless ``sync_dir`` is False: then the caller fsyncs it (once for many files) before it
+    records the publication anywhere.
     """
     try:
         os.link(temp_path, final_path, follow_symlinks=False)
@@ -84,7 +86,8 @@ def publish(temp_path: str, final_path: str) -> bool:
         os.rename(temp_path, final_path)
     else:
         os.unlink(temp_path)
-    fsync_dir(os.path.dirname(final_path) or ".")
+    if sync_dir:
+        fsync_dir(os.path.dirname(final_path) or ".")
     return True
 
 

@@ -12,7 +12,10 @@ Contracts every implementation keeps:
 * :class:`Writer` publishes records whose ``temp_path`` is set and returns the records whose
   publication is now **durable** (file renamed and fsynced, or shard closed). Only those are
   journaled, so a crash never leaves the journal claiming more than the disk holds. ``close``
-  flushes what is still buffered and returns those records too. Called from one thread.
+  flushes what is still buffered and returns those records too. ``sync`` makes every
+  publication so far durable; the journal calls it before each commit, so a writer may batch
+  its directory fsyncs. Called from one thread, unless ``concurrent`` is True: then ``write``
+  may run in many threads at once (the pipeline then publishes in the fetch threads).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ class Fetcher(Protocol):
 
 
 class Writer(Protocol):
+    concurrent: bool
+
     def write(self, record: Record) -> list[Record]: ...
+
+    def sync(self) -> None: ...
 
     def close(self) -> list[Record]: ...

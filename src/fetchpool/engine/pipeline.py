@@ -23,6 +23,7 @@ memory grows with concurrency, never with the input's length.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -46,6 +47,10 @@ from fetchpool.stages import Fetcher, Writer
 log = logging.getLogger("fetchpool")
 
 Source = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+#: Input items admitted per journal round trip: large enough that lookups cost little per
+#: item, small enough that a batch never holds up dispatching for long.
+ADMIT_BATCH = 256
+
 #: Builds the fetcher of a run from the run's temp folder (``OUT/.fetchpool/tmp``).
 FetcherFactory = Callable[[Path], Fetcher]
 
@@ -183,7 +188,11 @@ class Pipeline:
         tmp = self.out / ".fetchpool" / "tmp"
         self._fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
         self._writer = self._make_writer()
+        self._journal.before_commit = self._writer.sync
         self._images = self._make_image_stage()
+        # Files are published by the fetch thread that downloaded them when nothing else has
+        # to happen in between: the link and its syscalls then run in parallel, not in the loop.
+        self._publish_in_fetch = self._images is None and self._writer.concurrent
         self._pool: TaskPool[Record] = TaskPool(
             "threads", fetch.threads, name="fetch", on_done=self._fetched
         )
@@ -203,16 +212,23 @@ class Pipeline:
             if self._stop.is_set():
                 self._report.interrupted = self._report.fatal is None
                 return
-            while not exhausted and self._open_items < self.options.in_flight:
-                item = next(items, None)
-                if item is None:
-                    exhausted = True
-                else:
-                    self._admit(item)
+            while not exhausted and self._room() > 0:
+                wanted = min(self._room(), ADMIT_BATCH)
+                batch = list(itertools.islice(items, wanted))
+                exhausted = len(batch) < wanted
+                self._admit_batch(batch)
             self._dispatch()
             if exhausted and self._open_items == 0:
                 return
             self._wait_for_events()
+
+    def _room(self) -> int:
+        """How many items to admit now: none until a quarter of the window is free (or the
+        pipeline ran dry), so admission comes in batches, not in ones and twos."""
+        free = self.options.in_flight - self._open_items
+        if free < self.options.in_flight // 4 and self._pool.in_flight > 0:
+            return 0
+        return free
 
     def _wait_for_events(self) -> None:
         wake = self._scheduler.next_wakeup(time.monotonic())
@@ -236,11 +252,18 @@ class Pipeline:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def _admit(self, item: Job | BadInput) -> None:
-        if isinstance(item, BadInput):
-            self._finish(Record.for_bad_input(item))
-            return
-        prior = self._journal.get(item.position)
+    def _admit_batch(self, batch: list[Job | BadInput]) -> None:
+        """Admit items with two journal queries per batch, not two per item."""
+        jobs = [item for item in batch if isinstance(item, Job)]
+        priors = self._journal.get_many([job.position for job in jobs])
+        earlier = self._journal.find_ok_by_urls([job.url for job in jobs])
+        for item in batch:
+            if isinstance(item, BadInput):
+                self._finish(Record.for_bad_input(item))
+            else:
+                self._admit(item, priors.get(item.position), earlier.get(item.url))
+
+    def _admit(self, item: Job, prior: Record | None, earlier: Record | None) -> None:
         if prior is not None and prior.url == item.url and self._still_valid(prior):
             self._report.add(prior, resumed=True)
             self._observers.on_event(ItemFinished(prior))
@@ -254,7 +277,6 @@ class Pipeline:
         if current is not None:
             current.waiters.append(item)
             return
-        earlier = self._journal.find_ok_by_url(item.url)
         if earlier is not None and earlier.position != item.position and self._on_disk(earlier):
             self._open_items -= 1
             self._finish(_duplicate(item, earlier, earlier.status, earlier.path))
@@ -295,7 +317,10 @@ class Pipeline:
     def _fetch_one(self, job: Job) -> Record:
         """Runs in a fetch thread: never raises, so every attempt comes back as a record."""
         try:
-            return self._fetcher.fetch(job)
+            record = self._fetcher.fetch(job)
+            if self._publish_in_fetch and record.status is Status.OK:
+                (record,) = self._writer.write(record)
+            return record
         except FetchpoolError as exc:
             code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
             return Record.for_job(job).fail(code, str(exc))

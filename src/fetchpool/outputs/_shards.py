@@ -83,6 +83,9 @@ class ShardedWriter(ABC):
 
     suffix: ClassVar[str]
 
+    #: Shards are appended to in order: one writer thread only.
+    concurrent = False
+
     def __init__(self, out: Path, *, shard_size: int = 1000) -> None:
         if shard_size < 1:
             raise ConfigError("shard_size must be >= 1")
@@ -97,6 +100,10 @@ class ShardedWriter(ABC):
         self._handle: BinaryIO | None = None
         self._temp: str | None = None
         self._closed = False
+
+    def sync(self) -> None:
+        """Nothing to do: a shard's records are returned only after it is fsynced."""
+        return
 
     def write(self, record: Record) -> list[Record]:
         """Add one processed record; returns the records of a shard that just got published."""

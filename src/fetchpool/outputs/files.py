@@ -61,14 +61,24 @@ def _same_file(existing: str, temp: str) -> bool:
 class FilesWriter:
     """:class:`fetchpool.stages.Writer` that publishes each body as a file in ``out``.
 
-    Every returned record is durable: its file is linked and the folder fsynced. Called
-    from one thread (the engine's run loop).
+    Every returned record has its final name; the folder is fsynced by :meth:`sync`, which the
+    journal calls before it commits (one directory fsync per commit, not one per file). Safe
+    to call from many threads at once: each write touches only its own names.
     """
+
+    concurrent = True
 
     def __init__(self, out: Path, *, sidecar: bool = False) -> None:
         self.out = Path(out)
         self.sidecar = sidecar
         self._tmp = tmp_dir(self.out)
+        self._dirty = False  # published since the last sync (a bool: atomic under threads)
+
+    def sync(self) -> None:
+        """fsync OUT, so every name published so far survives a crash."""
+        if self._dirty:
+            self._dirty = False
+            fsutil.fsync_dir(self.out)
 
     def write(self, record: Record) -> list[Record]:
         """Publish ``record.temp_path``; set ``record.path`` (relative to ``out``).
@@ -81,6 +91,8 @@ class FilesWriter:
             return [record]
         try:
             name = self._publish(temp, file_name(record.url, record.extension))
+            if name is not None:
+                record.temp_path = None  # linked to its name, or adopted and discarded
             if name is None:
                 record.fail(
                     ErrorCode.IO_ERROR,
@@ -119,10 +131,12 @@ class FilesWriter:
         for counter in range(1, MAX_VARIANTS + 1):
             candidate = name if counter == 1 else with_counter(name, counter)
             final = str(self.out / candidate)
-            if fsutil.publish(temp, final):
+            if fsutil.publish(temp, final, sync_dir=False):
+                self._dirty = True
                 return candidate
             if _same_file(final, temp):
                 # A re-run whose journal row was lost: the file is already ours.
+                fsutil.discard(temp)
                 return candidate
         return None
 
@@ -137,7 +151,8 @@ class FilesWriter:
             finally:
                 fsutil.finish_temp(handle)
             # An existing sidecar (from the run that first published this file) is kept.
-            fsutil.publish(temp, str(self.out / f"{key}.json"))
+            if fsutil.publish(temp, str(self.out / f"{key}.json"), sync_dir=False):
+                self._dirty = True
         finally:
             fsutil.discard(temp)
 

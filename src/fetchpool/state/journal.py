@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +34,7 @@ from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
 BATCH_ROWS = 500
 BATCH_SECONDS = 1.0
 _URL = schema.NAMES.index("url")
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -139,8 +140,26 @@ def release_lock(fd: int) -> None:
 # --------------------------------------------------------------------------- connection
 
 
+def _refuse_links(path: Path) -> None:
+    """Refuse a journal (or its -wal/-shm/-journal file) that is not a regular file.
+
+    SQLite follows symlinks: a ``state.db`` planted as a link to a file outside OUT would be
+    turned into a database there (RELIABILITY.md property 1, case 32).
+    """
+    for candidate in (path, *(path.with_name(path.name + s) for s in _SQLITE_SIDE_FILES)):
+        try:
+            info = candidate.lstat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"cannot check {candidate}: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise StateError(f"{candidate} is not a regular file (a symlink?); refusing to open it")
+
+
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     """Open the journal database; corrupt or unreadable files raise :class:`StateError`."""
+    _refuse_links(path)
     try:
         if read_only:
             conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -205,6 +224,13 @@ class Journal:
         self._pending: dict[int, tuple[Any, ...]] = {}
         self._pending_ok_urls: dict[str, int] = {}
         self._last_commit = time.monotonic()
+        row = conn.execute("SELECT MAX(position) FROM records").fetchone()
+        #: Highest position an earlier run journaled: a position above it has no row yet
+        #: unless this run wrote it, so a fresh run needs no lookups at all.
+        self.max_position_at_open: int = -1 if row is None or row[0] is None else int(row[0])
+        #: Called before every commit: the writer makes its publications durable first, so a
+        #: committed "ok" row always names a file that survives a crash.
+        self.before_commit: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, out: Path, *, argv: Sequence[str] | None = None) -> Journal:
@@ -261,6 +287,42 @@ class Journal:
         )
         return None if row is None else schema.from_row(row)
 
+    def get_many(self, positions: Sequence[int]) -> dict[int, Record]:
+        """:meth:`get` for many positions in one query (the scheduler admits in batches)."""
+        found = {p: schema.from_row(self._pending[p]) for p in positions if p in self._pending}
+        wanted = [p for p in positions if p not in found and p <= self.max_position_at_open]
+        for row in self._query_in(f"{schema.SELECT} WHERE position IN", wanted):
+            record = schema.from_row(row)
+            found[record.position] = record
+        return found
+
+    def find_ok_by_urls(self, urls: Sequence[str]) -> dict[str, Record]:
+        """:meth:`find_ok_by_url` for many URLs in one query: url → its first OK record."""
+        found: dict[str, Record] = {}
+        for url in urls:
+            position = self._pending_ok_urls.get(url)
+            if position is not None:
+                found[url] = schema.from_row(self._pending[position])
+        wanted = list({u for u in urls if u not in found})
+        sql = f"{schema.SELECT} WHERE status = 'ok' AND url IN"
+        for row in self._query_in(sql, wanted, order="position DESC"):
+            record = schema.from_row(row)
+            found[record.url] = record  # descending: the first (lowest) position wins
+        return found
+
+    def _query_in(
+        self, sql: str, values: Sequence[Any], *, order: str = "position"
+    ) -> Iterator[tuple[Any, ...]]:
+        # SQLite's default limit on bound variables is 999 on old builds: stay below it.
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            try:
+                rows = self._conn.execute(f"{sql} ({marks}) ORDER BY {order}", chunk).fetchall()
+            except sqlite3.Error as exc:
+                raise StateError(f"journal read failed: {exc}") from exc
+            yield from rows
+
     def iter_records(
         self, status: Status | None = None, *, redact: bool = False
     ) -> Iterator[Record]:
@@ -314,6 +376,11 @@ class Journal:
             self._last_commit = time.monotonic()
             return
         rows = list(self._pending.values())
+        if self.before_commit is not None:
+            try:
+                self.before_commit()
+            except OSError as exc:
+                raise StateError(f"cannot make finished files durable: {exc}") from exc
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
