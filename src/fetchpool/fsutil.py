@@ -41,13 +41,28 @@ def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[Binar
     raise OutputError(f"cannot create a unique temp file in {directory}")
 
 
-def finish_temp(handle: BinaryIO) -> None:
-    """Flush and fsync a temp file, then close it: its bytes are on disk before it is named."""
+def finish_temp(handle: BinaryIO, *, sync: bool = True) -> None:
+    """Flush a temp file, fsync it (unless ``sync`` is False), then close it.
+
+    Stages that only hand a temp file on (fetch, the CPU stage) pass ``sync=False``: the writer
+    that gives it a final name fsyncs it first (:func:`sync_file`), in parallel threads, and a
+    shard writer never needs the sample's own temp file on disk at all.
+    """
     try:
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
     finally:
         handle.close()
+
+
+def sync_file(path: str) -> None:
+    """fsync a finished file by name (never following a symlink planted there)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def discard(path: str | None) -> None:

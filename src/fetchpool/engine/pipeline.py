@@ -51,6 +51,10 @@ Source = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
 #: item, small enough that a batch never holds up dispatching for long.
 ADMIT_BATCH = 256
 
+#: Threads that publish CPU-stage results: fsync + link are short and disk-bound; a few
+#: overlap them without taking fetch threads.
+PUBLISH_THREADS = 4
+
 #: Builds the fetcher of a run from the run's temp folder (``OUT/.fetchpool/tmp``).
 FetcherFactory = Callable[[Path], Fetcher]
 
@@ -193,6 +197,12 @@ class Pipeline:
         # Files are published by the fetch thread that downloaded them when nothing else has
         # to happen in between: the link and its syscalls then run in parallel, not in the loop.
         self._publish_in_fetch = self._images is None and self._writer.concurrent
+        # CPU-stage results are published by a few threads of their own, for the same reason.
+        self._publishers: TaskPool[Record] | None = None
+        if self._images is not None and self._writer.concurrent:
+            self._publishers = TaskPool(
+                "threads", PUBLISH_THREADS, name="publish", on_done=self._published
+            )
         self._pool: TaskPool[Record] = TaskPool(
             "threads", fetch.threads, name="fetch", on_done=self._fetched
         )
@@ -247,7 +257,9 @@ class Pipeline:
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "fetched":
             self._on_fetched(*payload)
-        elif kind == "processed":
+        elif kind == "processed" and self._publishers is not None:
+            self._publishers.submit(self._publish_one, payload)
+        elif kind in ("processed", "published"):
             self._publish(payload)
 
     # -- admission ---------------------------------------------------------------------------
@@ -331,6 +343,19 @@ class Pipeline:
     def _fetched(self, done: Done[Record]) -> None:
         self._events.put(("fetched", (done,)))
 
+    def _publish_one(self, record: Record) -> Record:
+        """Runs in a publish thread: the writer names the file; never raises."""
+        try:
+            (record,) = self._writer.write(record)
+        except FetchpoolError as exc:
+            code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
+            record.fail(code, str(exc))
+        return record
+
+    def _published(self, done: Done[Record]) -> None:
+        if done.value is not None:
+            self._events.put(("published", done.value))
+
     def _on_fetched(self, done: Done[Record]) -> None:
         record = done.value
         entry = self._open.get(record.url) if record is not None else None
@@ -380,6 +405,9 @@ class Pipeline:
     # -- publishing --------------------------------------------------------------------------
 
     def _publish(self, record: Record) -> None:
+        if record.error_code is ErrorCode.DISK_FULL:
+            self._fatal(record, record.error_message or "disk full")
+            return
         if record.status is not Status.OK:
             self._finish_open(record)
             return
@@ -464,6 +492,9 @@ class Pipeline:
         self._drain_events(cancel)
         if self._images is not None:
             self._images.close(cancel=cancel)
+            self._drain_events(cancel)
+        if self._publishers is not None:
+            self._publishers.shutdown(cancel=cancel)
             self._drain_events(cancel)
         for record in self._writer.close():
             self._finish_open(record)

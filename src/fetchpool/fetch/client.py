@@ -19,6 +19,7 @@ import base64
 import errno
 import hashlib
 import http.client
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,9 @@ CHUNK_SIZE = 128 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
 #: Pools kept alive at once (one per host and address); older ones are closed first.
 NUM_POOLS = 1024
+#: File descriptors left for everything but fetches: the journal (db, WAL, shm, lock), the
+#: run's directory fsyncs, logs, stdio and the image stage's pipes.
+FD_RESERVE = 64
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
@@ -150,9 +154,13 @@ class HttpFetcher:
         self._guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
         self._clock = clock
         self._watchdog = Watchdog(clock)
+        concurrent, pools = fd_budget(config.threads, config.per_host)
+        # More fetches than descriptors would fail items with EMFILE (RELIABILITY.md case
+        # 42): the extra threads wait here instead, before their attempt's clock starts.
+        self._slots = threading.BoundedSemaphore(concurrent)
         self._manager: PoolManager = build_pool_manager(
             per_host=config.per_host,
-            num_pools=NUM_POOLS,
+            num_pools=pools,
             insecure=config.insecure,
             max_header_bytes=config.max_header_bytes,
             timeout=Timeout(connect=config.connect_timeout, read=config.read_timeout),
@@ -160,18 +168,19 @@ class HttpFetcher:
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
-        record = Record.for_job(job)
-        record.started = time.time()
-        record.worker = threading.current_thread().name
-        deadline = self._clock() + self._config.total_timeout
-        try:
-            with self._watchdog.watch(deadline) as watch:
-                self._follow(record, _Attempt(deadline, self._clock, watch))
-        except FetchError as exc:
-            _fail(record, exc)
-        finally:
-            record.finished = time.time()
-        return record
+        with self._slots:
+            record = Record.for_job(job)
+            record.started = time.time()
+            record.worker = threading.current_thread().name
+            deadline = self._clock() + self._config.total_timeout
+            try:
+                with self._watchdog.watch(deadline) as watch:
+                    self._follow(record, _Attempt(deadline, self._clock, watch))
+            except FetchError as exc:
+                _fail(record, exc)
+            finally:
+                record.finished = time.time()
+            return record
 
     def close(self) -> None:
         """Close every pooled connection and stop the deadline watchdog."""
@@ -222,9 +231,14 @@ class HttpFetcher:
     def _next_hop(self, target: _Target, location: str, record: Record) -> str:
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in location):
             raise FetchError(ErrorCode.REDIRECT_REFUSED, "redirect Location has control bytes")
-        next_url = urljoin(target.url, location.strip())
+        try:
+            next_url = urljoin(target.url, location.strip())
+            scheme = urlsplit(next_url).scheme.lower()
+        except ValueError as exc:  # e.g. "//[::1": an unbalanced bracket in the host
+            raise FetchError(
+                ErrorCode.REDIRECT_REFUSED, f"redirect Location cannot be parsed: {_describe(exc)}"
+            ) from exc
         record.redirects.append(redact_url(next_url))
-        scheme = urlsplit(next_url).scheme.lower()
         if scheme not in _SCHEMES:
             raise FetchError(
                 ErrorCode.REDIRECT_REFUSED, f"redirect to a {scheme or 'relative'}: URL refused"
@@ -335,7 +349,7 @@ class HttpFetcher:
         handle, path = fsutil.create_temp(self._tmp_dir)
         try:
             digest, size, head = self._stream(response, handle, length, attempt)
-            _local_io(fsutil.finish_temp, handle)
+            _local_io(_close_unsynced, handle)  # the writer fsyncs it before naming it
         except BaseException:
             handle.close()
             fsutil.discard(path)
@@ -420,6 +434,23 @@ class HttpFetcher:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def fd_budget(threads: int, per_host: int, soft_limit: int | None = None) -> tuple[int, int]:
+    """(fetches at once, connection pools kept) that fit in ``ulimit -n`` (``soft_limit``).
+
+    A fetch holds a socket and a temp file; each kept pool may hold ``per_host`` idle
+    keep-alive sockets. Two thirds of the spare descriptors go to fetches, the rest to idle
+    connections, never fewer than one fetch and one pool.
+    """
+    if soft_limit is None:
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
+        return threads, NUM_POOLS
+    spare = max(0, soft_limit - FD_RESERVE)
+    concurrent = max(1, min(threads, spare // 3))
+    pools = max(1, min(NUM_POOLS, (spare - 2 * concurrent) // per_host))
+    return concurrent, pools
 
 
 # First match wins: NewConnectionError subclasses ConnectTimeoutError, so it comes first.
@@ -509,6 +540,10 @@ def _abandon(response: BaseHTTPResponse) -> None:
     """Close the response and its connection: it is in an unknown state, never reused."""
     response.close()
     response.release_conn()
+
+
+def _close_unsynced(handle: BinaryIO) -> None:
+    fsutil.finish_temp(handle, sync=False)
 
 
 def _local_io(operation: Callable[..., _T], *args: object) -> _T:

@@ -87,7 +87,7 @@ class MockFetcher:
         handle, path = fsutil.create_temp(self._tmp_dir)
         try:
             handle.write(body)
-            fsutil.finish_temp(handle)
+            fsutil.finish_temp(handle, sync=False)
         except BaseException:
             handle.close()
             fsutil.discard(path)

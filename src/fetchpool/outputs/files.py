@@ -128,6 +128,7 @@ class FilesWriter:
 
     def _publish(self, temp: str, name: str) -> str | None:
         """Give ``temp`` the first free (or identical) variant of ``name``; return it."""
+        fsutil.sync_file(temp)  # its bytes are on disk before it has a final name
         for counter in range(1, MAX_VARIANTS + 1):
             candidate = name if counter == 1 else with_counter(name, counter)
             final = str(self.out / candidate)

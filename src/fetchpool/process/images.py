@@ -331,15 +331,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def _apply_resize(img: Image.Image, target: _Target, config: ImageConfig) -> Image.Image:
     resize_to, canvas = target
+    if config.resize_mode == "center-crop" and resize_to != canvas:
+        # Resample only the source region that survives the crop, straight to the canvas:
+        # the same pixels as resize-then-crop, without resizing what is thrown away.
+        scale_x, scale_y = img.width / resize_to[0], img.height / resize_to[1]
+        left = (resize_to[0] - canvas[0]) // 2
+        top = (resize_to[1] - canvas[1]) // 2
+        box = (
+            left * scale_x,
+            top * scale_y,
+            (left + canvas[0]) * scale_x,
+            (top + canvas[1]) * scale_y,
+        )
+        return img.resize(canvas, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
     out = img
     if img.size != resize_to:
         out = img.resize(resize_to, RESAMPLE, reducing_gap=REDUCING_GAP)
     if resize_to == canvas:
         return out
-    if config.resize_mode == "center-crop":
-        left = (resize_to[0] - canvas[0]) // 2
-        top = (resize_to[1] - canvas[1]) // 2
-        return out.crop((left, top, left + canvas[0], top + canvas[1]))
     # pad: black for opaque modes, transparent where there is alpha
     background = Image.new(out.mode, canvas, 0)
     background.paste(out, ((canvas[0] - resize_to[0]) // 2, (canvas[1] - resize_to[1]) // 2))
@@ -406,7 +415,7 @@ def _write_temp(dst_dir: str, data: bytes) -> str:
     handle, path = fsutil.create_temp(dst_dir)
     try:
         handle.write(data)
-        fsutil.finish_temp(handle)
+        fsutil.finish_temp(handle, sync=False)  # the writer fsyncs before naming it
     except OSError as exc:
         handle.close()
         fsutil.discard(path)
