@@ -120,36 +120,34 @@ def _connect_pinned(conn: HTTPConnection, ip: str) -> socket.socket:
     return sock
 
 
-class PinnedHTTPConnection(HTTPConnection):
+class _Pinned:
+    """What both pinned connection classes add: connect to a checked address, bound headers.
+
+    A mixin placed before urllib3's connection class, so ``super()`` reaches it.
+    """
+
+    sock: socket.socket | None
+
+    def __init__(self, *args: Any, pinned_ip: str, max_header_bytes: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pinned_ip = pinned_ip
+        self.response_class = _response_class(max_header_bytes)
+
+    def _new_conn(self) -> socket.socket:
+        connection: Any = self
+        return _connect_pinned(connection, self.pinned_ip)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self.sock)  # a pooled connection now serves this thread's attempt
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class PinnedHTTPConnection(_Pinned, HTTPConnection):
     """An HTTP connection to a pre-resolved, checked address."""
 
-    def __init__(self, *args: Any, pinned_ip: str, max_header_bytes: int, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.pinned_ip = pinned_ip
-        self.response_class = _response_class(max_header_bytes)
 
-    def _new_conn(self) -> socket.socket:
-        return _connect_pinned(self, self.pinned_ip)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach_current(self.sock)  # a pooled connection now serves this thread's attempt
-        super().request(*args, **kwargs)
-
-
-class PinnedHTTPSConnection(HTTPSConnection):
+class PinnedHTTPSConnection(_Pinned, HTTPSConnection):
     """An HTTPS connection to a pre-resolved, checked address; TLS checks use the name."""
-
-    def __init__(self, *args: Any, pinned_ip: str, max_header_bytes: int, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.pinned_ip = pinned_ip
-        self.response_class = _response_class(max_header_bytes)
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_pinned(self, self.pinned_ip)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach_current(self.sock)  # a pooled connection now serves this thread's attempt
-        super().request(*args, **kwargs)
 
     def connect(self) -> None:
         try:
