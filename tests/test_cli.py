@@ -259,3 +259,31 @@ def test_demo_shows_the_thread_pool_is_faster(tmp_path: Path) -> None:
     assert pool < seq / 2
     runs = list((tmp_path / "demo").iterdir())
     assert len(runs) == 1 and len(out_files(runs[0] / "thread-pool")) == 8
+
+
+def test_shards_run_apart_and_their_manifests_merge(origin: Origin, tmp_path: Path) -> None:
+    src = url_file(tmp_path / "urls.txt", [origin.image_url(n) for n in range(10)])
+    for k in range(3):
+        result = fetchpool(
+            "get",
+            src,
+            "-o",
+            tmp_path / f"shard{k}",
+            "--shard",
+            f"{k}/3",
+            "--allow-private-networks",
+            "-q",
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(origin.requests("/img/")) == 10  # every URL fetched once, by one shard
+    merged = fetchpool("manifest", *(tmp_path / f"shard{k}" for k in range(3)))
+    rows = [json.loads(line) for line in merged.stdout.splitlines()]
+    assert [r["position"] for r in rows] == list(range(10))
+    assert all(r["path"].startswith(f"shard{r['position'] % 3}/") for r in rows)
+    assert all((tmp_path / r["path"]).is_file() for r in rows)
+
+
+def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
+    src = url_file(tmp_path / "urls.txt", ["http://example.com/a.jpg"])
+    result = fetchpool("get", src, "-o", tmp_path / "out", "--shard", "3/3")
+    assert result.returncode == 2 and "K/N" in result.stderr

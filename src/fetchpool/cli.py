@@ -86,6 +86,19 @@ def _size(value: str) -> int:
         raise click.BadParameter(f"{value!r} is not a size like 100M") from exc
 
 
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    k, sep, n = value.partition("/")
+    try:
+        shard = (int(k), int(n))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise click.BadParameter(f"{value!r} is not K/N with 0 <= K < N")
+    return shard
+
+
 def _header(value: str) -> tuple[str, str]:
     name, sep, content = value.partition(":")
     if not sep or not name.strip() or any(c in value for c in "\r\n\0"):
@@ -138,6 +151,12 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     help="Input format (default: from the file name).",
 )
 @click.option("--url-column", default="url", show_default=True, help="CSV/JSONL/Parquet column.")
+@click.option(
+    "--shard",
+    callback=lambda c, p, v: _shard(v),
+    metavar="K/N",
+    help="Only input items whose position % N == K (run shards apart, merge later).",
+)
 @click.option(
     "--format",
     "output_format",
@@ -211,7 +230,7 @@ def _options(kw: dict[str, Any]) -> Any:
     kw["max_bytes"] = _size(kw["max_bytes"])
     kw["format"] = kw.pop("output_format")
     kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
-    for name in ("max_pixels", "processes", "resize", "min_size", "rate_per_host"):
+    for name in ("max_pixels", "processes", "resize", "min_size", "rate_per_host", "shard"):
         if kw.get(name) is None:
             kw.pop(name, None)
     try:
@@ -294,7 +313,9 @@ def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:
 
 
 @click.command("manifest")
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "out", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @click.option(
     "--format",
     "fmt",
@@ -309,8 +330,14 @@ def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:
     type=click.Path(path_type=Path),
     help="Write here (default: stdout; required for parquet).",
 )
-def manifest_command(out: Path, fmt: str, status: str | None, output: Path | None) -> None:
-    """Export the per-item records of OUT (credentials redacted)."""
+def manifest_command(
+    out: tuple[Path, ...], fmt: str, status: str | None, output: Path | None
+) -> None:
+    """Export the per-item records of OUT (credentials redacted).
+
+    Several OUT folders (one per --shard) are merged in input order; each path is then
+    prefixed with its folder's name.
+    """
     from fetchpool.errors import FetchpoolError
     from fetchpool.models import Status
     from fetchpool.state.manifest import export_manifest
@@ -323,7 +350,7 @@ def manifest_command(out: Path, fmt: str, status: str | None, output: Path | Non
             if output is not None
             else (sys.stdout.buffer if fmt == "parquet" else sys.stdout)
         )
-        export_manifest(out, dest, fmt=fmt, status=Status(status) if status else None)
+        export_manifest(list(out), dest, fmt=fmt, status=Status(status) if status else None)
     except FetchpoolError as exc:
         click.echo(f"fetchpool: {exc}", err=True)
         sys.exit(EXIT_RUN_ERROR)

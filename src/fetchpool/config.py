@@ -156,10 +156,14 @@ class Options:
     input_format: str | None = None  # None: from the file name
     url_column: str = "url"
     retry_failed: bool = False
+    shard: tuple[int, int] | None = None  # (k, n): only input positions with position % n == k
     window: int | None = None  # items open at once; None: 4 * threads + 64
 
     def __post_init__(self) -> None:
         _check(self.window is None or self.window >= 1, "window must be >= 1")
+        if self.shard is not None:
+            k, n = self.shard
+            _check(n >= 1 and 0 <= k < n, "shard must be K/N with 0 <= K < N")
 
     @property
     def in_flight(self) -> int:

@@ -165,7 +165,10 @@ class Pipeline:
             self._journal = journal
             self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
             items = read_input(
-                source, format=self.options.input_format, url_column=self.options.url_column
+                source,
+                format=self.options.input_format,
+                url_column=self.options.url_column,
+                shard=self.options.shard,
             )
             self._loop(items)
         self._report.wall = time.perf_counter() - started

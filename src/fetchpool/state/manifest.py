@@ -7,10 +7,11 @@ running job can be exported (it shows what was committed so far).
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
@@ -151,7 +152,7 @@ def _write_path(rows: Iterator[dict[str, Any]], fmt: str, dest: Path) -> int:
 
 
 def export_manifest(
-    out: Path,
+    out: Path | Sequence[Path],
     dest: BinaryIO | TextIO | Path,
     *,
     fmt: ManifestFormat | str = "jsonl",
@@ -161,15 +162,32 @@ def export_manifest(
 
     Streams in position order with bounded memory; URLs are redacted. ``status`` keeps only
     that status. ``dest`` may be a path (written atomically) or an open stream (left open).
-    Raises :class:`StateError` when ``out`` has no readable journal.
+    ``out`` may be several output folders, e.g. one per input shard (``--shard K/N``): their
+    records are merged by position, and each ``path`` is prefixed with its folder's name.
+    Raises :class:`StateError` when a folder has no readable journal.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown manifest format {fmt!r} (use one of: {', '.join(FORMATS)})")
-    conn = _open_journal(Path(out))
-    try:
-        rows = _dicts(conn, status)
+    folders = [Path(out)] if isinstance(out, str | os.PathLike) else [Path(o) for o in out]
+    with ExitStack() as stack:
+        conns = [_open_journal(folder) for folder in folders]
+        for conn in conns:
+            stack.callback(conn.close)
+        if len(conns) == 1:
+            rows = _dicts(conns[0], status)
+        else:
+            streams = [
+                _prefixed(_dicts(conn, status), folder.name)
+                for conn, folder in zip(conns, folders, strict=True)
+            ]
+            rows = heapq.merge(*streams, key=lambda row: int(row["position"]))
         if isinstance(dest, str | os.PathLike):
             return _write_path(rows, fmt, Path(dest))
         return _write(rows, fmt, dest)
-    finally:
-        conn.close()
+
+
+def _prefixed(rows: Iterator[dict[str, Any]], folder: str) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        if row.get("path"):
+            row["path"] = f"{folder}/{row['path']}"
+        yield row
