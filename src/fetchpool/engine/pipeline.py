@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fetchpool import fsutil
 from fetchpool.config import Options
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
@@ -390,8 +391,7 @@ class Pipeline:
             return
         if self._stop.is_set():
             # Not journaled: a transient failure during shutdown is retried by the next run.
-            self._open.pop(record.url, None)
-            self._open_items -= 1 + len(entry.waiters)
+            self._drop(record)
             return
         delay = policy.delay(record, self._rng)
         if record.retry_after is not None:
@@ -458,9 +458,20 @@ class Pipeline:
         self._observers.on_event(ItemFinished(record))
 
     def _fatal(self, record: Record, reason: str) -> None:
+        """A run-level failure (disk full): stop. The item that met it is not journaled, since
+        it did nothing wrong: the next run, with space freed, fetches it like any other."""
         self._report.fatal = reason
-        self._finish_open(record)
+        self._report.add(record)
+        self._observers.on_event(ItemFinished(record))
+        self._drop(record)
         self.stop()
+
+    def _drop(self, record: Record) -> None:
+        """Forget an open item without journaling it (and the duplicates waiting on it)."""
+        entry = self._open.pop(record.url, None)
+        fsutil.discard(record.temp_path)
+        if entry is not None and not entry.parked:
+            self._open_items -= 1 + len(entry.waiters)
 
     # -- stages ------------------------------------------------------------------------------
 
