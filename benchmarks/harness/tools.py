@@ -1,0 +1,244 @@
+"""Every tool the benchmarks run, as one command line per workload run.
+
+All tools get the same URL list, the same concurrency and a fresh output folder. A tool that is
+not installed is skipped with a reason; a tool whose command fails is reported as failed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.env import BENCH_DIR, fetchpool_exe
+
+PEERS_DIR = BENCH_DIR / "peers"
+
+
+@dataclass
+class RunContext:
+    urls_file: Path
+    n: int
+    out_dir: Path
+    concurrency: int
+    peers_python: Path | None
+    curl_config: Path
+    processes: int = 1
+    resize: int | None = None  # W3: center-crop to this square size, JPEG out
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Tool:
+    name: str
+    describe: str
+    build: Callable[[RunContext], list[str]]
+    missing: Callable[[RunContext], str | None]
+    env: dict[str, str] = field(default_factory=dict)
+    supports_resize: bool = False
+
+
+def _need_binary(binary: str) -> Callable[[RunContext], str | None]:
+    return lambda ctx: None if shutil.which(binary) else f"{binary} not installed"
+
+
+def _need_peers(ctx: RunContext) -> str | None:
+    return None if ctx.peers_python and ctx.peers_python.exists() else "peers venv unavailable"
+
+
+def _need_fetchpool(ctx: RunContext) -> str | None:
+    return None if fetchpool_exe() else "fetchpool console script not found"
+
+
+def fetchpool_cmd(ctx: RunContext) -> list[str]:
+    exe = fetchpool_exe()
+    cmd = [
+        str(exe),
+        "get",
+        str(ctx.urls_file),
+        "-o",
+        str(ctx.out_dir),
+        "--threads",
+        str(ctx.concurrency),
+        "--per-host",
+        str(ctx.concurrency),
+        "--quiet",
+        "--allow-private-networks",
+    ]
+    if ctx.resize:
+        cmd += [
+            "--resize",
+            str(ctx.resize),
+            "--resize-mode",
+            "center-crop",
+            "--encode",
+            "jpeg",
+            "--processes",
+            str(ctx.processes),
+        ]
+    return cmd
+
+
+def wget2_cmd(ctx: RunContext) -> list[str]:
+    return [
+        "wget2",
+        "--quiet",
+        "--no-config",
+        "--no-robots",
+        "--no-directories",
+        "--max-threads",
+        str(ctx.concurrency),
+        "--tries",
+        "1",
+        "--directory-prefix",
+        str(ctx.out_dir),
+        "--input-file",
+        str(ctx.urls_file),
+    ]
+
+
+def curl_cmd(ctx: RunContext) -> list[str]:
+    return [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        str(ctx.concurrency),
+        "--create-dirs",
+        "--output-dir",
+        str(ctx.out_dir),
+        "--remote-name-all",
+        "--config",
+        str(ctx.curl_config),
+    ]
+
+
+def aria2c_cmd(ctx: RunContext) -> list[str]:
+    return [
+        "aria2c",
+        "--quiet",
+        "--input-file",
+        str(ctx.urls_file),
+        "--dir",
+        str(ctx.out_dir),
+        "--max-concurrent-downloads",
+        str(ctx.concurrency),
+        "--max-connection-per-server",
+        "1",
+        "--split",
+        "1",
+        "--auto-file-renaming=false",
+        "--file-allocation=none",
+        "--max-tries",
+        "1",
+    ]
+
+
+def _peer(script: str, with_concurrency: bool = True) -> Callable[[RunContext], list[str]]:
+    def build(ctx: RunContext) -> list[str]:
+        cmd = [str(ctx.peers_python), str(PEERS_DIR / script), str(ctx.urls_file), str(ctx.out_dir)]
+        return [*cmd, str(ctx.concurrency)] if with_concurrency else cmd
+
+    return build
+
+
+def img2dataset_cmd(ctx: RunContext) -> list[str]:
+    exe = Path(str(ctx.peers_python)).with_name("img2dataset")
+    # one shard per process, or img2dataset leaves the second process idle
+    per_shard = math.ceil(ctx.n / ctx.processes)
+    cmd = [
+        str(exe),
+        "--url_list",
+        str(ctx.urls_file),
+        "--input_format",
+        "txt",
+        "--output_format",
+        "files",
+        "--output_folder",
+        str(ctx.out_dir),
+        "--thread_count",
+        str(ctx.concurrency),
+        "--processes_count",
+        str(ctx.processes),
+        "--number_sample_per_shard",
+        str(per_shard),
+        "--timeout",
+        "30",
+        "--retries",
+        "0",
+        "--enable_wandb",
+        "False",
+    ]
+    if ctx.resize:
+        cmd += [
+            "--resize_mode",
+            "center_crop",
+            "--image_size",
+            str(ctx.resize),
+            "--encode_format",
+            "jpg",
+        ]
+    else:
+        cmd += ["--resize_mode", "no", "--disable_all_reencoding", "True"]
+    return cmd
+
+
+_QUIET_PEERS = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+
+TOOLS: dict[str, Tool] = {
+    t.name: t
+    for t in [
+        Tool(
+            "fetchpool",
+            "fetchpool get --threads C --per-host C",
+            fetchpool_cmd,
+            _need_fetchpool,
+            supports_resize=True,
+        ),
+        Tool("wget2", "wget2 --max-threads C -i urls", wget2_cmd, _need_binary("wget2")),
+        Tool("curl", "curl --parallel --parallel-max C -K cfg", curl_cmd, _need_binary("curl")),
+        Tool("aria2c", "aria2c -i urls -j C -x1", aria2c_cmd, _need_binary("aria2c")),
+        Tool(
+            "requests-threads",
+            "requests, Session per thread, ThreadPoolExecutor(C)",
+            _peer("requests_threads.py"),
+            _need_peers,
+        ),
+        Tool(
+            "parfive",
+            "parfive Downloader(max_conn=C, max_splits=1)",
+            _peer("parfive_get.py"),
+            _need_peers,
+        ),
+        Tool(
+            "img2dataset",
+            "img2dataset --thread_count C --processes_count P",
+            img2dataset_cmd,
+            _need_peers,
+            env=_QUIET_PEERS,
+            supports_resize=True,
+        ),
+        Tool(
+            "notebook-threadpool",
+            "notebook: ThreadPoolExecutor().map(requests.get)",
+            _peer("notebook_threadpool.py", with_concurrency=False),
+            _need_peers,
+        ),
+        Tool(
+            "notebook-sequential",
+            "notebook: for url: requests.get(url)",
+            _peer("notebook_sequential.py", with_concurrency=False),
+            _need_peers,
+        ),
+    ]
+}
+
+
+def tool_env(tool: Tool) -> dict[str, str]:
+    return {**os.environ, **tool.env}

@@ -1,0 +1,338 @@
+"""The workloads and the round-robin runner.
+
+Each round runs every tool once, in an order rotated by one each round, so that a slow drift of
+the machine (page cache, writeback, thermal) is spread over all tools instead of landing on the
+one that happened to run last. Every run gets a fresh output folder, is verified, then deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import measure
+from harness.env import WORK_DIR, log
+from harness.origin import Origin
+from harness.tools import TOOLS, RunContext, tool_env
+from harness.verify import verify
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    n: int
+    n_quick: int
+    latency_ms: int
+    concurrency: int
+    tools: tuple[str, ...]
+    kind: str = "photo"  # photo: ~100 KB corpus photos; small: W4's ~4 KB files
+    resize: int | None = None
+    processes: int = 1
+    timeout_s: float = 600.0
+
+    def floor_s(self, n: int) -> float:
+        """N·L/C: the wall time with infinitely fast client and server."""
+        return n * self.latency_ms / 1000 / self.concurrency
+
+    def rel(self, i: int) -> str:
+        return f"photo/{i:05d}.jpg" if self.kind == "photo" else f"small/s{i:06d}.jpg"
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.key: w
+    for w in [
+        Workload(
+            "W1",
+            "latency-bound: 1,000 x ~100 KB, 50 ms per request, concurrency 64",
+            1000,
+            200,
+            50,
+            64,
+            (
+                "fetchpool",
+                "wget2",
+                "curl",
+                "aria2c",
+                "requests-threads",
+                "parfive",
+                "img2dataset",
+                "notebook-threadpool",
+            ),
+        ),
+        Workload(
+            "W2",
+            "throughput-bound: 2,000 x ~100 KB, no latency, concurrency 16",
+            2000,
+            400,
+            0,
+            16,
+            (
+                "fetchpool",
+                "curl",
+                "wget2",
+                "aria2c",
+                "requests-threads",
+                "parfive",
+                "img2dataset",
+                "notebook-threadpool",
+                "notebook-sequential",
+            ),
+        ),
+        Workload(
+            "W3",
+            "CPU-bound: 2,000 images center-cropped to 256 px, JPEG out, 2 processes",
+            2000,
+            200,
+            0,
+            16,
+            ("fetchpool", "img2dataset"),
+            resize=256,
+            processes=2,
+        ),
+        Workload(
+            "W4",
+            "scale: 100,000 small files (~4 KB), 20 ms, concurrency 256",
+            100_000,
+            5000,
+            20,
+            256,
+            ("fetchpool", "wget2", "curl"),
+            kind="small",
+            timeout_s=900.0,
+        ),
+    ]
+}
+
+#: a run during which other processes used more than this share of all cores is flagged noisy
+NOISY_SHARE = 0.10
+
+TARGETS = {
+    "W1": "fetchpool ≤ 1.10 x wget2",
+    "W2": "fetchpool ≤ 1.30 x curl",
+    "W3": "fetchpool ≥ 5 x faster than img2dataset (same processes)",
+    "W4": "fetchpool ≤ 1.3 x N·L/C and peak RSS ≤ 150 MB",
+    "startup": "fetchpool --help ≤ 0.3 s",
+}
+
+
+def _summary(runs: list[dict[str, object]]) -> dict[str, object]:
+    ok = [r for r in runs if r["ok"]]
+    walls = [float(r["wall_s"]) for r in ok]  # type: ignore[arg-type]
+    summary: dict[str, object] = {"runs_ok": len(ok), "runs": len(runs)}
+    if walls:
+        summary |= {
+            "median_s": round(statistics.median(walls), 3),
+            "min_s": round(min(walls), 3),
+            "max_s": round(max(walls), 3),
+            "cpu_s": round(
+                statistics.median(float(r["user_s"]) + float(r["sys_s"]) for r in ok), 2
+            ),  # type: ignore[arg-type]
+            "maxrss_mb": max(float(r["maxrss_mb"]) for r in ok),  # type: ignore[arg-type]
+            "tree_rss_mb": max(float(r["tree_rss_mb"]) for r in ok),  # type: ignore[arg-type]
+        }
+        summary["other_cpu_s"] = max(float(r.get("other_cpu_s", 0)) for r in ok)  # type: ignore[arg-type]
+        conns = [int(r["connections"]) for r in ok if "connections" in r]  # type: ignore[call-overload]
+        if conns:
+            summary["connections"] = int(statistics.median(conns))
+    failed = [r for r in runs if not r["ok"]]
+    if failed:
+        summary["error"] = str(failed[-1]["detail"])
+    return summary
+
+
+def _write_inputs(w: Workload, n: int, origin: Origin, wdir: Path) -> tuple[Path, Path]:
+    urls = [origin.url(w.latency_ms, w.rel(i)) for i in range(n)]
+    urls_file, curl_cfg = wdir / "urls.txt", wdir / "curl.cfg"
+    urls_file.write_text("\n".join(urls) + "\n")
+    curl_cfg.write_text("".join(f'url = "{u}"\n' for u in urls))
+    return urls_file, curl_cfg
+
+
+def run_workload(
+    w: Workload,
+    origin: Origin,
+    hashes: set[str],
+    tools: list[str],
+    repeat: int,
+    quick: bool,
+    peers_python: Path | None,
+    out_root: Path,
+    keep_outputs: bool = False,
+) -> dict[str, object]:
+    n = w.n_quick if quick else w.n
+    wdir = WORK_DIR / "runs" / w.key
+    shutil.rmtree(wdir, ignore_errors=True)
+    wdir.mkdir(parents=True)
+    urls_file, curl_cfg = _write_inputs(w, n, origin, wdir)
+    results: dict[str, dict[str, object]] = {}
+    runnable: list[str] = []
+    for name in tools:
+        tool = TOOLS[name]
+        ctx = RunContext(
+            urls_file,
+            n,
+            wdir / "probe",
+            w.concurrency,
+            peers_python,
+            curl_cfg,
+            w.processes,
+            w.resize,
+        )
+        reason = tool.missing(ctx)
+        if w.resize and not tool.supports_resize:
+            reason = "cannot resize"
+        results[name] = {"describe": tool.describe, "cmd": " ".join(tool.build(ctx)), "runs": []}
+        if reason:
+            results[name]["skipped"] = reason
+            log(f"{w.key} {name}: skipped ({reason})")
+        else:
+            runnable.append(name)
+    gave_up: set[str] = set()
+    for round_no in range(repeat):
+        shift = round_no % max(1, len(runnable))
+        for name in runnable[shift:] + runnable[:shift]:
+            if name in gave_up:
+                continue
+            before = origin.connections()
+            busy0, origin0 = measure.machine_busy_s(), measure.tree_cpu_s(origin.proc.pid)
+            own0 = measure.own_cpu_s()
+            record = _one_run(
+                w,
+                n,
+                name,
+                round_no,
+                wdir,
+                urls_file,
+                curl_cfg,
+                hashes,
+                peers_python,
+                out_root / w.key,
+                keep_outputs,
+            )
+            after = origin.connections()
+            # CPU burnt by neither the tool, the origin nor us: other work on the machine
+            other = (
+                (measure.machine_busy_s() - busy0)
+                - (measure.tree_cpu_s(origin.proc.pid) - origin0)
+                - (measure.own_cpu_s() - own0)
+                - float(record["user_s"])
+                - float(record["sys_s"])
+            )  # type: ignore[arg-type]
+            record["other_cpu_s"] = round(max(0.0, other), 2)
+            if other > NOISY_SHARE * float(record["wall_s"]) * (os.cpu_count() or 1):  # type: ignore[arg-type]
+                log(f"  noisy machine: {other:.1f} CPU s used by other processes during that run")
+            if before is not None and after is not None:
+                record["connections"] = after - before - 1  # minus the status request
+            results[name]["runs"].append(record)  # type: ignore[union-attr]
+            if record.get("timed_out"):
+                gave_up.add(name)
+    for name in runnable:
+        results[name] |= _summary(results[name]["runs"])  # type: ignore[arg-type]
+    return {
+        "key": w.key,
+        "title": w.title,
+        "n": n,
+        "latency_ms": w.latency_ms,
+        "concurrency": w.concurrency,
+        "processes": w.processes,
+        "resize": w.resize,
+        "floor_s": round(w.floor_s(n), 3),
+        "repeat": repeat,
+        "origin": origin.label,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tools": results,
+    }
+
+
+def _one_run(
+    w: Workload,
+    n: int,
+    name: str,
+    round_no: int,
+    wdir: Path,
+    urls_file: Path,
+    curl_cfg: Path,
+    hashes: set[str],
+    peers_python: Path | None,
+    out_parent: Path,
+    keep_outputs: bool,
+) -> dict[str, object]:
+    tool = TOOLS[name]
+    out = out_parent / f"{name}-{round_no}"
+    shutil.rmtree(out, ignore_errors=True)
+    ctx = RunContext(
+        urls_file, n, out, w.concurrency, peers_python, curl_cfg, w.processes, w.resize
+    )
+    if name not in ("img2dataset",):
+        out.mkdir(parents=True)  # img2dataset wants to create its folder itself
+    os.sync()  # the previous run's writeback must not be billed to this one
+    m = measure.run(
+        tool.build(ctx),
+        wdir / "logs" / f"{name}-{round_no}",
+        env=tool_env(tool),
+        timeout_s=w.timeout_s,
+    )
+    if m.returncode == 0 or m.timed_out:
+        verdict = verify(out, n, hashes, w.resize, seed=round_no)
+        ok, detail = verdict.ok and not m.timed_out, verdict.detail
+        if m.timed_out:
+            detail = f"timed out after {w.timeout_s:.0f}s"
+    else:
+        verdict = verify(out, n, hashes, w.resize, seed=round_no)
+        ok, detail = False, f"exit {m.returncode}: {m.stderr_tail[-600:]}"
+    record = m.to_dict() | {"ok": ok, "count": verdict.count, "detail": detail, "round": round_no}
+    record.pop("cmd")
+    status = "ok" if ok else "FAILED"
+    log(
+        f"{w.key} round {round_no + 1} {name:20s} {m.wall_s:8.3f}s  rss {m.tree_rss_mb:7.1f} MB"
+        f"  {status}: {detail[:160]}"
+    )
+    if not keep_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def run_startup(repeat: int, cmd_for: Callable[[], list[str] | None]) -> dict[str, object]:
+    """fetchpool --help, whole process: what every CLI invocation pays before any work."""
+    cmd = cmd_for()
+    result: dict[str, object] = {
+        "key": "startup",
+        "title": "fetchpool --help (start-up)",
+        "cmd": " ".join(cmd) if cmd else None,
+        "runs": [],
+    }
+    if cmd is None:
+        result["skipped"] = "fetchpool console script not found"
+        return result
+    runs: list[dict[str, object]] = []
+    for i in range(max(5, repeat)):
+        m = measure.run(cmd, WORK_DIR / "runs" / "startup" / str(i), timeout_s=60)
+        runs.append(
+            {
+                "wall_s": m.wall_s,
+                "user_s": m.user_s,
+                "sys_s": m.sys_s,
+                "maxrss_mb": m.maxrss_mb,
+                "tree_rss_mb": m.tree_rss_mb,
+                "ok": m.returncode == 0,
+                "detail": "ok" if m.returncode == 0 else m.stderr_tail[-400:],
+            }
+        )
+    result["runs"] = runs
+    result |= _summary(runs)
+    log(f"startup: fetchpool --help median {result.get('median_s')}s")
+    return result
+
+
+def load_json(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
