@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -223,3 +224,60 @@ def test_loopback_is_blocked_unless_allowed(origin: Origin, tmp_path: Path) -> N
     assert record.error_code is ErrorCode.BLOCKED_ADDRESS
     assert "--allow-private-networks" in (record.error_message or "")
     assert origin.requests() == []
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_fetch_worker_processes_give_the_same_result(
+    origin: Origin, tmp_path: Path, fmt: str
+) -> None:
+    out = tmp_path / "out"
+    urls = [origin.image_url(n) for n in range(30)] + [origin.url("/status/404")]
+    report = download(urls, out, threads=8, fetch_processes=2, format=fmt, shard_size=7, **LOOPBACK)
+    assert report.ok == 30 and report.errors == {"http_error": 1}
+    workers = {r.worker for r in report.records(Status.OK)}
+    assert workers and all(w and w.startswith("fetch") for w in workers)
+    if fmt == "files":
+        for record in report.records(Status.OK):
+            assert record.path is not None
+            assert sha((out / record.path).read_bytes()) == sha(origin.image_bytes(record.position))
+    else:
+        assert len(list(out.glob("*.tar"))) == 5
+    assert not list((out / ".fetchpool" / "tmp").iterdir())
+    # Resume works the same: nothing is fetched again.
+    before = len(origin.requests("/img/"))
+    again = download(urls, out, threads=8, fetch_processes=2, format=fmt, shard_size=7, **LOOPBACK)
+    assert again.resumed == 31 and len(origin.requests("/img/")) == before
+
+
+def test_a_dead_fetch_worker_costs_only_its_items(tmp_path: Path) -> None:
+    import multiprocessing
+    import signal
+
+    from fetchpool.config import Options
+    from fetchpool.engine.pipeline import Pipeline
+
+    with Origin(latency=0.3) as slow:
+        urls = [slow.image_url(n) for n in range(40)]
+        pipeline = Pipeline(
+            tmp_path / "out",
+            Options.from_kwargs(threads=4, per_host=4, fetch_processes=2, **LOOPBACK),
+        )
+        killed: list[int] = []
+
+        class KillOneWorker:
+            def on_event(self, event: object) -> None:
+                if killed:
+                    return
+                children = multiprocessing.active_children()
+                if children:
+                    pid = children[0].pid
+                    assert pid is not None
+                    killed.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+
+        pipeline._observers.add(KillOneWorker())
+        report = pipeline.run(urls)
+    assert killed
+    assert report.items == 40
+    assert report.ok >= 20  # the surviving worker carried on
+    assert set(report.errors) <= {"internal_error"}

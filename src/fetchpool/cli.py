@@ -125,6 +125,12 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.argument("source", type=str)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--threads", default=32, show_default=True, help="Fetch threads.")
+@click.option(
+    "--fetch-processes",
+    default=1,
+    show_default=True,
+    help="Processes sharing the threads; 2+ uses more cores on fast networks.",
+)
 @click.option("--per-host", default=8, show_default=True, help="Concurrent fetches per host.")
 @click.option("--rate-per-host", type=float, help="Requests per second per host.")
 @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds.")

@@ -41,6 +41,7 @@ class FetchConfig:
     """How one URL is fetched: timeouts, limits, retries, politeness, address guard."""
 
     threads: int = 32
+    fetch_processes: int = 1  # processes sharing the threads (each with its own GIL)
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # idle time between two reads
     total_timeout: float = 300.0  # per attempt
@@ -64,6 +65,10 @@ class FetchConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
+        _check(
+            1 <= self.fetch_processes <= min(64, self.threads),
+            "fetch_processes must be between 1 and min(64, threads)",
+        )
         for name in ("connect_timeout", "read_timeout", "total_timeout"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
         _check(self.min_speed >= 0, "min_speed must be >= 0")

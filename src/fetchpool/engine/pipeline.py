@@ -33,10 +33,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fetchpool import fsutil
 from fetchpool.config import Options
+from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec, fetch_and_publish
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
 from fetchpool.errors import DiskFullError, FetchpoolError, OutputError
@@ -129,6 +130,34 @@ class _Open:
     parked: bool = False  # handed to a writer that makes it durable later (a shard)
 
 
+class _FetchPool(Protocol):
+    """Where fetch attempts run: threads here (:class:`_ThreadFetchPool`) or worker processes
+    (:class:`~fetchpool.engine.fetchprocs.ProcessFetchPool`); both report to ``on_done``."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def submit(self, job: Job, label: str = "") -> int: ...
+
+    def shutdown(self, *, cancel: bool = False) -> None: ...
+
+
+class _ThreadFetchPool:
+    def __init__(self, pool: TaskPool[Record], attempt: Callable[[Job], Record]) -> None:
+        self._pool = pool
+        self._attempt = attempt
+
+    @property
+    def in_flight(self) -> int:
+        return self._pool.in_flight
+
+    def submit(self, job: Job, label: str = "") -> int:
+        return self._pool.submit(self._attempt, job, label=label)
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        self._pool.shutdown(cancel=cancel)
+
+
 class Pipeline:
     """One run over one output folder. Use :func:`download` unless you need ``stop()``."""
 
@@ -193,8 +222,6 @@ class Pipeline:
     def _loop(self, items: Iterator[Job | BadInput]) -> None:
         fetch = self.options.fetch
         self._scheduler: HostScheduler[_Open] = HostScheduler(fetch.per_host, fetch.rate_per_host)
-        tmp = self.out / ".fetchpool" / "tmp"
-        self._fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
         self._writer = self._make_writer()
         self._journal.before_commit = self._writer.sync
         self._images = self._make_image_stage()
@@ -207,9 +234,8 @@ class Pipeline:
             self._publishers = TaskPool(
                 "threads", PUBLISH_THREADS, name="publish", on_done=self._published
             )
-        self._pool: TaskPool[Record] = TaskPool(
-            "threads", fetch.threads, name="fetch", on_done=self._fetched
-        )
+        self._fetcher: Fetcher | None = None
+        self._pool = self._make_fetch_pool()
         cancel = False
         try:
             self._pump(items)
@@ -328,21 +354,27 @@ class Pipeline:
             return
         for _, entry in self._scheduler.take(time.monotonic(), budget):
             entry.attempts += 1
-            self._pool.submit(self._fetch_one, entry.job, label=entry.host)
+            self._pool.submit(entry.job, entry.host)
 
-    def _fetch_one(self, job: Job) -> Record:
-        """Runs in a fetch thread: never raises, so every attempt comes back as a record."""
-        try:
-            record = self._fetcher.fetch(job)
-            if self._publish_in_fetch and record.status is Status.OK:
-                (record,) = self._writer.write(record)
-            return record
-        except FetchpoolError as exc:
-            code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
-            return Record.for_job(job).fail(code, str(exc))
-        except Exception as exc:  # a bug must cost one item, never the run
-            log.exception("internal error fetching item %d", job.position)
-            return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+    def _make_fetch_pool(self) -> _FetchPool:
+        """Fetch threads in this process, or in ``fetch_processes`` worker processes."""
+        fetch = self.options.fetch
+        tmp = self.out / ".fetchpool" / "tmp"
+        if fetch.fetch_processes > 1 and self._custom_fetcher is None:
+            spec = WorkerSpec(
+                fetch,
+                str(tmp),
+                publish_to=str(self.out) if self._publish_in_fetch else None,
+                sidecar=self.options.output.sidecar,
+            )
+            return ProcessFetchPool(spec, fetch.fetch_processes, self._fetched)
+        fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
+        self._fetcher = fetcher
+        writer = self._writer if self._publish_in_fetch else None
+        threads: TaskPool[Record] = TaskPool(
+            "threads", fetch.threads, name="fetch", on_done=self._fetched
+        )
+        return _ThreadFetchPool(threads, lambda job: fetch_and_publish(fetcher, writer, job))
 
     def _fetched(self, done: Done[Record]) -> None:
         self._events.put(("fetched", (done,)))
@@ -512,7 +544,8 @@ class Pipeline:
             self._drain_events(cancel)
         for record in self._writer.close():
             self._finish_open(record)
-        self._fetcher.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
 
     def _drain_events(self, cancel: bool) -> None:
         while not cancel:

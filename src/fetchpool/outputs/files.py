@@ -72,13 +72,14 @@ class FilesWriter:
         self.out = Path(out)
         self.sidecar = sidecar
         self._tmp = tmp_dir(self.out)
-        self._dirty = False  # published since the last sync (a bool: atomic under threads)
 
     def sync(self) -> None:
-        """fsync OUT, so every name published so far survives a crash."""
-        if self._dirty:
-            self._dirty = False
-            fsutil.fsync_dir(self.out)
+        """fsync OUT, so every name published so far survives a crash.
+
+        Unconditional: files may also have been published by fetch worker processes, which
+        this object cannot see, and an fsync of an unchanged folder costs next to nothing.
+        """
+        fsutil.fsync_dir(self.out)
 
     def write(self, record: Record) -> list[Record]:
         """Publish ``record.temp_path``; set ``record.path`` (relative to ``out``).
@@ -133,7 +134,6 @@ class FilesWriter:
             candidate = name if counter == 1 else with_counter(name, counter)
             final = str(self.out / candidate)
             if fsutil.publish(temp, final, sync_dir=False):
-                self._dirty = True
                 return candidate
             if _same_file(final, temp):
                 # A re-run whose journal row was lost: the file is already ours.
@@ -152,8 +152,7 @@ class FilesWriter:
             finally:
                 fsutil.finish_temp(handle)
             # An existing sidecar (from the run that first published this file) is kept.
-            if fsutil.publish(temp, str(self.out / f"{key}.json"), sync_dir=False):
-                self._dirty = True
+            fsutil.publish(temp, str(self.out / f"{key}.json"), sync_dir=False)
         finally:
             fsutil.discard(temp)
 
