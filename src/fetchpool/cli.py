@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from fetchpool._version import __version__
+
 EXIT_OK, EXIT_FAILED, EXIT_RUN_ERROR = 0, 1, 2
 
 _SUBCOMMANDS = {
@@ -58,14 +60,8 @@ _SUMMARIES = {
 }
 
 
-def _version() -> str:
-    from fetchpool.config import _version as version
-
-    return version()
-
-
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fetchpool", message="fetchpool %(version)s")
+@click.version_option(__version__, message="fetchpool %(version)s")
 def main() -> None:
     """fetchpool: download large lists of URLs, images above all, fast and resumably.
 
@@ -248,18 +244,22 @@ def _options(kw: dict[str, Any]) -> Any:
 def _run_get(
     source: str, out: Path, options: Any, *, quiet: bool, verbose: int, timeline: Path | None
 ) -> int:
-    from rich.console import Console
-
     from fetchpool.engine.pipeline import Pipeline
     from fetchpool.errors import FetchpoolError
-    from fetchpool.report.progress import ItemLog, ProgressBar
-    from fetchpool.report.summary import render_summary
 
-    console = Console(stderr=True)
     observers: list[Any] = []
-    if not quiet and console.is_terminal:
-        observers.append(ProgressBar(console))
+    console = None
+    if not quiet:  # rich costs ~20 ms of imports: only when something is shown
+        from rich.console import Console
+
+        from fetchpool.report.progress import ProgressBar
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            observers.append(ProgressBar(console))
     if verbose:
+        from fetchpool.report.progress import ItemLog
+
         observers.append(ItemLog())
     recorder = None
     if timeline is not None:
@@ -268,7 +268,7 @@ def _run_get(
         recorder = TimelineObserver()
         observers.append(recorder)
     pipeline = Pipeline(out, options, observers=observers)
-    received = _install_stop_handlers(pipeline, console)
+    received = _install_stop_handlers(pipeline)
     try:
         report = pipeline.run(source)
     except FetchpoolError as exc:
@@ -276,7 +276,9 @@ def _run_get(
         return EXIT_RUN_ERROR
     if recorder is not None and timeline is not None:
         recorder.write(timeline)
-    if not quiet:
+    if console is not None:
+        from fetchpool.report.summary import render_summary
+
         render_summary(report, console)
     if report.interrupted and received:
         return 128 + received[0]
@@ -298,7 +300,7 @@ def _error_kind(exc: Exception) -> str:
     return next((kind for cls, kind in kinds if isinstance(exc, cls)), "error")
 
 
-def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:
+def _install_stop_handlers(pipeline: Any) -> list[int]:
     """First SIGINT/SIGTERM: stop taking work, finish in-flight items, save state.
 
     A second one leaves at once; the journal is consistent at every commit, so at worst the
@@ -310,7 +312,8 @@ def _install_stop_handlers(pipeline: Any, console: Any) -> list[int]:
         if received:
             os._exit(128 + received[0])
         received.append(signum)
-        console.print("[yellow]stopping: finishing in-flight items (again to quit now)[/yellow]")
+        # A plain write: a signal handler must not re-enter rich while it draws the bar.
+        os.write(2, b"\nfetchpool: stopping, finishing in-flight items (again to quit now)\n")
         pipeline.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

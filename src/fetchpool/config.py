@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from fetchpool._version import __version__
 from fetchpool.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -25,15 +26,6 @@ OutputFormat = Literal["files", "webdataset", "parquet"]
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fetchpool")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +78,7 @@ class FetchConfig:
             except ValueError as exc:
                 raise ConfigError(f"--allow-cidr {cidr!r} is not a CIDR network") from exc
         if not self.user_agent:
-            object.__setattr__(self, "user_agent", f"fetchpool/{_version()}")
+            object.__setattr__(self, "user_agent", f"fetchpool/{__version__}")
 
 
 @dataclass(frozen=True, slots=True)

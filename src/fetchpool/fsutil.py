@@ -24,6 +24,11 @@ TEMP_PREFIX = ".fp-"
 TEMP_SUFFIX = ".part"
 
 
+#: Write buffer of temp files: bodies arrive in chunks this size or larger anyway; an explicit
+#: size also spares the isatty() ioctl that the default buffering asks for on every open.
+_BUFFER = 64 * 1024
+
+
 def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[BinaryIO, str]:
     """Create a new, empty temp file in ``directory``; return it open for writing and its path.
 
@@ -37,7 +42,7 @@ def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[Binar
             continue
         except OSError as exc:
             raise translate_os_error(exc, f"cannot create a temp file in {directory}") from exc
-        return os.fdopen(fd, "wb"), path
+        return os.fdopen(fd, "wb", buffering=_BUFFER), path
     raise OutputError(f"cannot create a unique temp file in {directory}")
 
 

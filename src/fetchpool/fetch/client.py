@@ -19,6 +19,7 @@ import base64
 import errno
 import hashlib
 import http.client
+import re
 import resource
 import threading
 import time
@@ -490,8 +491,11 @@ def _fail(record: Record, exc: FetchError) -> None:
     record.temp_path = None
 
 
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _parse_target(url: str) -> _Target:
-    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+    if _SPACE_OR_CONTROL.search(url):
         raise FetchError(ErrorCode.INVALID_URL, "URL contains spaces or control bytes")
     try:
         parsed: Url = parse_url(url)

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fetchpool._version import __version__
 from fetchpool.errors import LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
@@ -36,15 +37,6 @@ BATCH_SECONDS = 1.0
 _URL = schema.NAMES.index("url")
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fetchpool")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 # --------------------------------------------------------------------------- folder checks
@@ -449,7 +441,7 @@ def _start_run(conn: sqlite3.Connection, argv: list[str]) -> int:
         with conn:
             cursor = conn.execute(
                 "INSERT INTO runs (started, version, argv, pid) VALUES (?, ?, ?, ?)",
-                (time.time(), _version(), json.dumps(argv), os.getpid()),
+                (time.time(), __version__, json.dumps(argv), os.getpid()),
             )
     except sqlite3.Error as exc:
         raise StateError(f"cannot write the journal: {exc}") from exc
