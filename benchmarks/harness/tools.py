@@ -29,6 +29,7 @@ class RunContext:
     processes: int = 1
     resize: int | None = None  # W3: center-crop to this square size, JPEG out
     extra: dict[str, str] = field(default_factory=dict)
+    fetch_processes: int = 1  # fetchpool only: processes sharing the same concurrency
 
 
 @dataclass
@@ -68,6 +69,8 @@ def fetchpool_cmd(ctx: RunContext) -> list[str]:
         "--quiet",
         "--allow-private-networks",
     ]
+    if ctx.fetch_processes > 1:
+        cmd += ["--fetch-processes", str(ctx.fetch_processes)]
     if ctx.resize:
         cmd += [
             "--resize",

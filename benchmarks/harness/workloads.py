@@ -36,6 +36,9 @@ class Workload:
     resize: int | None = None
     processes: int = 1
     timeout_s: float = 600.0
+    # fetchpool's --fetch-processes, as docs/performance.md advises for throughput-bound runs
+    # (the concurrency, the number of connections, stays the same as every peer's).
+    fetch_processes: int = 1
 
     def floor_s(self, n: int) -> float:
         """N·L/C: the wall time with infinitely fast client and server."""
@@ -84,6 +87,7 @@ WORKLOADS: dict[str, Workload] = {
                 "notebook-threadpool",
                 "notebook-sequential",
             ),
+            fetch_processes=2,
         ),
         Workload(
             "W3",
@@ -106,6 +110,7 @@ WORKLOADS: dict[str, Workload] = {
             ("fetchpool", "wget2", "curl"),
             kind="small",
             timeout_s=900.0,
+            fetch_processes=4,
         ),
     ]
 }
@@ -184,6 +189,7 @@ def run_workload(
             curl_cfg,
             w.processes,
             w.resize,
+            fetch_processes=w.fetch_processes,
         )
         reason = tool.missing(ctx)
         if w.resize and not tool.supports_resize:
@@ -268,7 +274,15 @@ def _one_run(
     out = out_parent / f"{name}-{round_no}"
     shutil.rmtree(out, ignore_errors=True)
     ctx = RunContext(
-        urls_file, n, out, w.concurrency, peers_python, curl_cfg, w.processes, w.resize
+        urls_file,
+        n,
+        out,
+        w.concurrency,
+        peers_python,
+        curl_cfg,
+        w.processes,
+        w.resize,
+        fetch_processes=w.fetch_processes,
     )
     if name not in ("img2dataset",):
         out.mkdir(parents=True)  # img2dataset wants to create its folder itself

@@ -108,6 +108,13 @@ def _run_item(
 
 # -- parent side ------------------------------------------------------------------------------
 
+#: Items queued per worker: one running and one waiting, so a worker starts its next image
+#: the moment it finishes instead of idling for the round trip through this process (whose
+#: threads it shares with dozens of fetch threads). Start notices keep timeouts exact: an item
+#: that has not started yet is never blamed for a hang, and after a crash only the items that
+#: had started are suspects.
+PIPELINE_DEPTH = 2
+
 
 @dataclass(slots=True, eq=False)
 class _Item:
@@ -261,7 +268,7 @@ class ImageStage:
             if not self._running:
                 self._start(self._suspects.popleft())
             return
-        while self._backlog and len(self._running) < self._workers:
+        while self._backlog and len(self._running) < self._workers * PIPELINE_DEPTH:
             self._start(self._backlog.popleft())
 
     def _start(self, item: _Item) -> None:
@@ -350,15 +357,23 @@ class ImageStage:
     # -- faults ------------------------------------------------------------------------------
 
     def _pool_broke(self, first: _Item) -> None:
-        """A worker died: blame the item if it ran alone, else re-run everyone alone."""
+        """A worker died: blame the item if it ran alone, else re-run everyone alone.
+
+        Items still queued (no start notice) cannot have crashed it: they go back to the
+        backlog as they are.
+        """
+        self._read_start_notices()
         lost = [first, *self._take_running()]
         self._lose_pool()
-        if len(lost) == 1:
+        started = [item for item in lost if item.started is not None] or lost
+        for item in reversed([item for item in lost if item not in started]):
+            (self._suspects if item.suspect else self._backlog).appendleft(item)
+        if len(started) == 1:
             message = "the image worker crashed (or was killed) while processing this item"
-            self._fail(first, ErrorCode.PROCESS_FAILED, message)
+            self._fail(started[0], ErrorCode.PROCESS_FAILED, message)
             return
-        log.warning("an image worker crashed with %d items running; re-running each", len(lost))
-        for item in lost:
+        log.warning("an image worker crashed with %d items running; re-running each", len(started))
+        for item in started:
             item.suspect = True
             self._suspects.append(item)
 
