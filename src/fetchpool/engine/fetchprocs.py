@@ -47,15 +47,31 @@ def fetch_and_publish(fetcher: Fetcher, writer: Writer | None, job: Job) -> Reco
     """One attempt at ``job``, published by ``writer`` when given and ok. Never raises."""
     try:
         record = fetcher.fetch(job)
-        if writer is not None and record.status is Status.OK:
-            (record,) = writer.write(record)
-        return record
     except FetchpoolError as exc:
-        code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
-        return Record.for_job(job).fail(code, str(exc))
+        return Record.for_job(job).fail(_local_error_code(exc), str(exc))
     except Exception as exc:  # a bug must cost one item, never the run
         log.exception("internal error fetching item %d", job.position)
         return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+    if writer is not None and record.status is Status.OK:
+        return publish(writer, record)
+    return record
+
+
+def publish(writer: Writer, record: Record) -> Record:
+    """Give a finished record its final name through a concurrent writer. Never raises: a
+    full disk comes back as DISK_FULL (the run loop then stops the run)."""
+    try:
+        (record,) = writer.write(record)
+    except FetchpoolError as exc:
+        record.fail(_local_error_code(exc), str(exc))
+    except Exception as exc:  # a bug must cost one item, never the run
+        log.exception("internal error publishing item %d", record.position)
+        record.fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+    return record
+
+
+def _local_error_code(exc: FetchpoolError) -> ErrorCode:
+    return ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from fetchpool import fsutil
 from fetchpool.config import Options
-from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec, fetch_and_publish
+from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec, fetch_and_publish, publish
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
 from fetchpool.errors import DiskFullError, FetchpoolError, OutputError
@@ -288,7 +288,7 @@ class Pipeline:
         if kind == "fetched":
             self._on_fetched(*payload)
         elif kind == "processed" and self._publishers is not None:
-            self._publishers.submit(self._publish_one, payload)
+            self._publishers.submit(publish, self._writer, payload)
         elif kind in ("processed", "published"):
             self._publish(payload)
 
@@ -378,15 +378,6 @@ class Pipeline:
 
     def _fetched(self, done: Done[Record]) -> None:
         self._events.put(("fetched", (done,)))
-
-    def _publish_one(self, record: Record) -> Record:
-        """Runs in a publish thread: the writer names the file; never raises."""
-        try:
-            (record,) = self._writer.write(record)
-        except FetchpoolError as exc:
-            code = ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
-            record.fail(code, str(exc))
-        return record
 
     def _published(self, done: Done[Record]) -> None:
         if done.value is not None:
