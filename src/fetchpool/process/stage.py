@@ -317,6 +317,8 @@ class ImageStage:
     # -- results -----------------------------------------------------------------------------
 
     def _completed(self, future: Future[ImageResult]) -> None:
+        # Before this item's token is forgotten: after a crash, blame goes by start notices.
+        self._read_start_notices()
         item = self._running.pop(future, None)
         if item is None:  # from a pool already written off: its item was decided then
             _discard_late_output(future)
@@ -362,7 +364,6 @@ class ImageStage:
         Items still queued (no start notice) cannot have crashed it: they go back to the
         backlog as they are.
         """
-        self._read_start_notices()
         lost = [first, *self._take_running()]
         self._lose_pool()
         started = [item for item in lost if item.started is not None] or lost
