@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
 
+from fetchpool.fetch import transport as transport_module
 from fetchpool.origin import Origin
 
 
@@ -18,3 +20,19 @@ def origin() -> Iterator[Origin]:
     """
     with Origin() as server:
         yield server
+
+
+@pytest.fixture
+def spy_connect(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every TCP connection attempt fetchpool makes; only loopback ones are really made."""
+    attempts: list[tuple[str, int]] = []
+    real = transport_module.open_socket
+
+    def spy(ip: str, port: int, timeout: float | None, options: object) -> socket.socket:
+        attempts.append((ip, port))
+        if not ip.startswith("127."):
+            raise ConnectionRefusedError(111, "refused by the test: not loopback")
+        return real(ip, port, timeout, options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport_module, "open_socket", spy)
+    return attempts

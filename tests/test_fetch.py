@@ -479,22 +479,6 @@ def test_bad_urls_rejected_before_io(
     assert_failed(record, code, tmp_dir)
 
 
-@pytest.fixture
-def spy_connect(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Record every connection attempt; only loopback ones are really made."""
-    attempts: list[tuple[str, int]] = []
-    real = transport_module.open_socket
-
-    def spy(ip: str, port: int, timeout: float | None, options: object) -> socket.socket:
-        attempts.append((ip, port))
-        if not ip.startswith("127."):
-            raise ConnectionRefusedError(111, "refused by the test: not loopback")
-        return real(ip, port, timeout, options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(transport_module, "open_socket", spy)
-    return attempts
-
-
 def test_default_guard_blocks_loopback_without_connecting(
     make_fetcher, tmp_dir: Path, spy_connect: list[tuple[str, int]]
 ) -> None:

@@ -26,7 +26,6 @@ import pytest
 from PIL import Image
 
 from fetchpool import ErrorCode, Origin, Status, download
-from fetchpool.fetch import transport as transport_module
 from fetchpool.outputs.naming import file_name
 from reliability_helpers import (
     CRASH_SIZE,
@@ -63,22 +62,6 @@ def assert_clean_failure(out: Path, record: object, code: ErrorCode) -> None:
     assert record.path is None  # type: ignore[attr-defined]
     assert final_files(out) == []
     assert leftovers(out) == []
-
-
-@pytest.fixture
-def spy_connect(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every TCP connection attempt fetchpool makes; only loopback ones are really made."""
-    attempts: list[tuple[str, int]] = []
-    real = transport_module.open_socket
-
-    def spy(ip: str, port: int, timeout: float | None, options: object) -> socket.socket:
-        attempts.append((ip, port))
-        if not ip.startswith("127."):
-            raise ConnectionRefusedError(111, "refused by the test: not loopback")
-        return real(ip, port, timeout, options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(transport_module, "open_socket", spy)
-    return attempts
 
 
 @pytest.fixture
