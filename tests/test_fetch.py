@@ -536,7 +536,7 @@ def test_pools_keyed_by_pinned_address(make_fetcher, spy_connect: list[tuple[str
         answers["n"] += 1
         return ["127.0.0.1"] if answers["n"] == 1 else ["127.0.0.2"]
 
-    guard = AddressGuard(allow_cidrs=("127.0.0.0/8",), resolver=resolver)
+    guard = AddressGuard(allow_cidrs=("127.0.0.0/8",), resolver=resolver, cache_ttl=0)
     fetcher = make_fetcher(guard=guard)
     with FaultServer(serve_forever_keepalive(lambda _: response(200, b"a")), host="127.0.0.1") as s:
         first = fetcher.fetch(job(s.url("/1", host="multi.test")))

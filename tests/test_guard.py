@@ -197,3 +197,31 @@ def test_blocked_error_pickles() -> None:
     clone = pickle.loads(pickle.dumps(info.value))
     assert isinstance(clone, BlockedAddressError)
     assert clone.message == info.value.message
+
+
+def test_lookups_are_cached_for_the_ttl_and_still_checked() -> None:
+    calls: list[str] = []
+    now = [0.0]
+
+    def resolver(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return ["127.0.0.1"] if host == "loop.test" else ["93.184.216.34"]
+
+    guard = AddressGuard(resolver=resolver, cache_ttl=60.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert [str(a) for a in guard.resolve("Public.test", 443)] == ["93.184.216.34"]
+    assert calls == ["Public.test"]  # one lookup, names compared case-insensitively
+    now[0] = 61.0
+    guard.resolve("public.test", 443)
+    assert calls == ["Public.test", "public.test"]  # expired: asked again
+    for _ in range(2):  # a cached internal answer is refused every time, never waved through
+        with pytest.raises(BlockedAddressError):
+            guard.resolve("loop.test", 80)
+    assert calls.count("loop.test") == 1
+
+
+def test_the_dns_cache_is_bounded() -> None:
+    guard = AddressGuard(resolver=lambda host, port: ["93.184.216.34"])
+    for i in range(AddressGuard.CACHE_ENTRIES + 100):
+        guard.resolve(f"h{i}.test", 80)
+    assert len(guard._cache) == AddressGuard.CACHE_ENTRIES

@@ -14,6 +14,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from fetchpool.errors import BlockedAddressError, FetchError
@@ -124,19 +127,34 @@ class AddressGuard:
 
     ``allow_private_networks`` allows every address; ``allow_cidrs`` allows the listed
     networks; ``resolver`` replaces DNS (tests inject one, so no real lookups are made).
+
+    Lookups are cached for ``cache_ttl`` seconds (curl's default, 60 s), at most
+    ``CACHE_ENTRIES`` names: a list of a million URLs on a few hosts must not send a million
+    DNS queries. The cache holds what DNS said, and every address is checked again on every
+    use, so it cannot let through anything the guard would refuse; connections still go only
+    to the address that was checked.
     """
+
+    CACHE_ENTRIES = 4096
 
     def __init__(
         self,
         allow_private_networks: bool = False,
         allow_cidrs: tuple[str, ...] = (),
         resolver: Resolver | None = None,
+        *,
+        cache_ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.allow_private_networks = allow_private_networks
         self.allowed: tuple[Network, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in allow_cidrs
         )
         self._resolver: Resolver = resolver or system_resolver
+        self._ttl = cache_ttl
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, int], tuple[float, list[Address]]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def resolve(self, host: str, port: int) -> list[Address]:
         """Every address of ``host``, all checked; raise if any one of them is refused.
@@ -171,6 +189,23 @@ class AddressGuard:
         return any(_contains(self.allowed, candidate) for candidate in candidates)
 
     def _lookup(self, host: str, port: int) -> list[Address]:
+        key = (host.lower(), port)
+        now = self._clock()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                self._cache.move_to_end(key)
+                return hit[1]
+        addresses = self._resolve_now(host, port)
+        if self._ttl > 0:
+            with self._cache_lock:
+                self._cache[key] = (now + self._ttl, addresses)
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        return addresses
+
+    def _resolve_now(self, host: str, port: int) -> list[Address]:
         try:
             raw = self._resolver(host.strip("[]"), port)
         except (OSError, UnicodeError) as exc:
