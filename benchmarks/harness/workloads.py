@@ -110,7 +110,7 @@ WORKLOADS: dict[str, Workload] = {
             ("fetchpool", "wget2", "curl"),
             kind="small",
             timeout_s=900.0,
-            fetch_processes=4,
+            fetch_processes=2,
         ),
     ]
 }
