@@ -44,7 +44,13 @@ from reliability_helpers import (
     sha,
     tls_context,
 )
-from socketserver_faults import FaultServer, header_of, read_request, response
+from socketserver_faults import (
+    FaultServer,
+    header_of,
+    read_request,
+    response,
+    serve_forever_keepalive,
+)
 
 JPEG_HEAD = b"\xff\xd8\xff\xe0"
 
@@ -845,7 +851,7 @@ def test_case_29_redirect_target_never_names_the_file(
             return response(302, b"", {"Location": location})
         return response(200, body, {"Content-Type": "application/octet-stream"})
 
-    with FaultServer(_any_path(route)) as server:  # type: ignore[arg-type]
+    with FaultServer(serve_forever_keepalive(route)) as server:
         out = tmp_path / "out"
         report = download([server.url("/start")], out, **LOOPBACK)
     (record,) = records(report)
@@ -855,18 +861,6 @@ def test_case_29_redirect_target_never_names_the_file(
     assert record.path.startswith("start-") and not record.path.endswith((".exe", ".sh", ".bashrc"))
     assert [p.relative_to(out).as_posix() for p in final_files(out)] == [record.path]
     assert not (tmp_path / ".bashrc").exists() and not (tmp_path / "tmp").exists()
-
-
-def _any_path(route: object) -> object:
-    def handler(sock: socket.socket, server: FaultServer) -> None:
-        while not server.stopping.is_set():
-            request = read_request(sock)
-            if not request:
-                return
-            server.record(request)
-            sock.sendall(route(request))  # type: ignore[operator]
-
-    return handler
 
 
 # ============================================================================ hostile content
@@ -923,7 +917,7 @@ def test_case_31_url_path_tricks_get_safe_distinct_deterministic_names(tmp_path:
         "/.hidden.jpg",
         "/" + "%2e" * 40,
     ]
-    with FaultServer(_any_path(lambda request: response(200, body))) as server:  # type: ignore[arg-type]
+    with FaultServer(serve_forever_keepalive(lambda request: response(200, body))) as server:
         urls = [server.url(p) for p in paths]
         out = tmp_path / "out"
         report = download(urls, out, **LOOPBACK)

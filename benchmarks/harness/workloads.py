@@ -160,6 +160,23 @@ def _write_inputs(w: Workload, n: int, origin: Origin, wdir: Path) -> tuple[Path
     return urls_file, curl_cfg
 
 
+def _context(
+    w: Workload, urls_file: Path, n: int, out: Path, peers_python: Path | None, curl_cfg: Path
+) -> RunContext:
+    """What a tool's command line is built from, for workload ``w``."""
+    return RunContext(
+        urls_file,
+        n,
+        out,
+        w.concurrency,
+        peers_python,
+        curl_cfg,
+        w.processes,
+        w.resize,
+        fetch_processes=w.fetch_processes,
+    )
+
+
 def run_workload(
     w: Workload,
     origin: Origin,
@@ -180,17 +197,7 @@ def run_workload(
     runnable: list[str] = []
     for name in tools:
         tool = TOOLS[name]
-        ctx = RunContext(
-            urls_file,
-            n,
-            wdir / "probe",
-            w.concurrency,
-            peers_python,
-            curl_cfg,
-            w.processes,
-            w.resize,
-            fetch_processes=w.fetch_processes,
-        )
+        ctx = _context(w, urls_file, n, wdir / "probe", peers_python, curl_cfg)
         reason = tool.missing(ctx)
         if w.resize and not tool.supports_resize:
             reason = "cannot resize"
@@ -273,17 +280,7 @@ def _one_run(
     tool = TOOLS[name]
     out = out_parent / f"{name}-{round_no}"
     shutil.rmtree(out, ignore_errors=True)
-    ctx = RunContext(
-        urls_file,
-        n,
-        out,
-        w.concurrency,
-        peers_python,
-        curl_cfg,
-        w.processes,
-        w.resize,
-        fetch_processes=w.fetch_processes,
-    )
+    ctx = _context(w, urls_file, n, out, peers_python, curl_cfg)
     if name not in ("img2dataset",):
         out.mkdir(parents=True)  # img2dataset wants to create its folder itself
     os.sync()  # the previous run's writeback must not be billed to this one
