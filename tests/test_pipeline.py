@@ -5,6 +5,8 @@ Real SQLite journal, real files; only the network is replaced.
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import threading
 import time
@@ -257,3 +259,77 @@ def test_unknown_option_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="unknown option"):
         download(urls(1), tmp_path / "out", thread=3)
+
+
+class _FullDisk(io.BytesIO):
+    """A temp file on a full disk: writes fail, and so does the flush on close."""
+
+    def write(self, data: object) -> int:  # type: ignore[override]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_writing_stops_the_run_and_is_not_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetchpool import fsutil
+
+    real = fsutil.create_temp
+    calls = itertools.count()
+
+    def create_temp(directory: object, suffix: str = fsutil.TEMP_SUFFIX) -> object:
+        handle, path = real(directory, suffix)  # type: ignore[arg-type]
+        if next(calls) == 3:
+            handle.close()
+            return _FullDisk(), path
+        return handle, path
+
+    monkeypatch.setattr(fsutil, "create_temp", create_temp)
+    report = download(
+        urls(10), tmp_path / "out", threads=1, fetcher=fake(lambda job: MockResponse(body=JPEG))
+    )
+    assert report.fatal and report.exit_code == 2
+    assert report.errors == {"disk_full": 1}
+    assert not list((tmp_path / "out" / ".fetchpool" / "tmp").iterdir())
+
+
+def test_a_journal_that_cannot_grow_stops_the_run_as_disk_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from fetchpool.state.journal import Journal
+
+    class FullDatabase:
+        """The journal's connection once the disk is full: reads work, writes do not."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self._conn = conn
+
+        def executemany(self, *args: object) -> None:
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
+            raise exc
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._conn, name)
+
+        def __enter__(self) -> object:
+            return self._conn.__enter__()
+
+        def __exit__(self, *exc: object) -> object:
+            return self._conn.__exit__(*exc)  # type: ignore[arg-type]
+
+    real_open = Journal.open
+
+    def open_full(out: Path, **kwargs: object) -> Journal:
+        journal = real_open(out, **kwargs)  # type: ignore[arg-type]
+        journal._conn = FullDatabase(journal._conn)  # type: ignore[assignment]
+        return journal
+
+    monkeypatch.setattr(Journal, "open", open_full)
+    report = download(urls(3), tmp_path / "out", fetcher=fake(lambda job: MockResponse(body=JPEG)))
+    assert report.fatal is not None and "journal" in report.fatal
+    assert report.exit_code == 2

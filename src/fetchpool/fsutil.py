@@ -70,6 +70,14 @@ def sync_file(path: str) -> None:
         os.close(fd)
 
 
+def abandon(handle: BinaryIO, path: str) -> None:
+    """Give up a temp file after an error: close it (the flush of its buffer may fail again,
+    e.g. on a full disk, and must not hide the first error), then remove it."""
+    with contextlib.suppress(OSError):
+        handle.close()
+    discard(path)
+
+
 def discard(path: str | None) -> None:
     """Remove a temp file if it exists; never follows anything, never raises."""
     if path:

@@ -191,16 +191,19 @@ class Pipeline:
         from fetchpool.state.journal import Journal
 
         started = time.perf_counter()
-        with Journal.open(self.out) as journal:
-            self._journal = journal
-            self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
-            items = read_input(
-                source,
-                format=self.options.input_format,
-                url_column=self.options.url_column,
-                shard=self.options.shard,
-            )
-            self._loop(items)
+        try:
+            with Journal.open(self.out) as journal:
+                self._journal = journal
+                self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
+                items = read_input(
+                    source,
+                    format=self.options.input_format,
+                    url_column=self.options.url_column,
+                    shard=self.options.shard,
+                )
+                self._loop(items)
+        except DiskFullError as exc:  # the journal's last commit, at close
+            self._stop_for_disk_full(str(exc))
         self._report.wall = time.perf_counter() - started
         self._observers.on_event(
             RunFinished(wall=self._report.wall, interrupted=self._report.interrupted)
@@ -476,18 +479,27 @@ class Pipeline:
             self._finish(_duplicate(waiter, entry.job, record.status, record.path))
 
     def _finish(self, record: Record) -> None:
-        self._journal.put(record)
+        try:
+            self._journal.put(record)
+        except DiskFullError as exc:
+            # The journal cannot grow: stop. Rows not committed are fetched again next time,
+            # and their files, already named, are adopted as identical then.
+            self._stop_for_disk_full(str(exc))
         self._report.add(record)
         self._observers.on_event(ItemFinished(record))
+
+    def _stop_for_disk_full(self, reason: str) -> None:
+        if self._report.fatal is None:
+            self._report.fatal = reason
+        self.stop()
 
     def _fatal(self, record: Record, reason: str) -> None:
         """A run-level failure (disk full): stop. The item that met it is not journaled, since
         it did nothing wrong: the next run, with space freed, fetches it like any other."""
-        self._report.fatal = reason
+        self._stop_for_disk_full(reason)
         self._report.add(record)
         self._observers.on_event(ItemFinished(record))
         self._drop(record)
-        self.stop()
 
     def _drop(self, record: Record) -> None:
         """Forget an open item without journaling it (and the duplicates waiting on it)."""

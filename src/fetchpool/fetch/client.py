@@ -352,8 +352,7 @@ class HttpFetcher:
             digest, size, head = self._stream(response, handle, length, attempt)
             _local_io(_close_unsynced, handle)  # the writer fsyncs it before naming it
         except BaseException:
-            handle.close()
-            fsutil.discard(path)
+            fsutil.abandon(handle, path)
             raise
         record.temp_path = path
         record.bytes = size

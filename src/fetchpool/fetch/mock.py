@@ -88,9 +88,11 @@ class MockFetcher:
         try:
             handle.write(body)
             fsutil.finish_temp(handle, sync=False)
+        except OSError as exc:  # as HttpFetcher: a full disk stops the run, else io_error
+            fsutil.abandon(handle, path)
+            raise fsutil.translate_os_error(exc, "cannot write the temp file") from exc
         except BaseException:
-            handle.close()
-            fsutil.discard(path)
+            fsutil.abandon(handle, path)
             raise
         record.temp_path = path
         record.bytes = len(body)

@@ -200,6 +200,5 @@ class ShardedWriter(ABC):
             self._drop(handle, temp, records)
 
     def _drop(self, handle: BinaryIO, temp: str, records: list[Record]) -> None:
-        handle.close()
-        fsutil.discard(temp)
+        fsutil.abandon(handle, temp)
         self._aborted(records)

@@ -417,7 +417,6 @@ def _write_temp(dst_dir: str, data: bytes) -> str:
         handle.write(data)
         fsutil.finish_temp(handle, sync=False)  # the writer fsyncs before naming it
     except OSError as exc:
-        handle.close()
-        fsutil.discard(path)
+        fsutil.abandon(handle, path)
         raise fsutil.translate_os_error(exc, "cannot write the processed image") from exc
     return path

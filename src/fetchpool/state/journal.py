@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from fetchpool._version import __version__
-from fetchpool.errors import LockedError, OutputError, StateError
+from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
 from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
@@ -203,6 +203,10 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 # --------------------------------------------------------------------------- Journal
 
 
+#: sqlite3 result code for "database or disk is full": a run-level disk-full, not corruption.
+_SQLITE_FULL = 13
+
+
 class Journal:
     """The run's journal over ``OUT/.fetchpool/state.db``. Use :meth:`open`; single-threaded."""
 
@@ -372,12 +376,16 @@ class Journal:
             try:
                 self.before_commit()
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(f"cannot make finished files durable: {exc}") from exc
                 raise StateError(f"cannot make finished files durable: {exc}") from exc
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(schema.UPSERT, rows)
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+                raise DiskFullError(f"cannot write the journal: {exc}") from exc
             raise StateError(f"cannot write the journal: {exc}") from exc
         self._pending.clear()
         self._pending_ok_urls.clear()
