@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fetchpool.errors import ConfigError, InputError
 from fetchpool.inputs import (
@@ -23,6 +25,7 @@ from fetchpool.inputs import (
     redact_url,
     validate_url,
 )
+from fetchpool.inputs import urls as urls_module
 from fetchpool.models import BadInput, ErrorCode, Job
 
 
@@ -95,6 +98,42 @@ def test_invalid_urls(url: str, code: ErrorCode) -> None:
     with pytest.raises(InvalidURLError) as info:
         validate_url(url)
     assert info.value.code is code
+
+
+def _full_path(url: str) -> str | ErrorCode:
+    """What validate_url answers with its one-regex fast path switched off."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(urls_module, "_is_plain", lambda _url: False)
+        try:
+            return validate_url(url)
+        except InvalidURLError as exc:
+            return exc.code
+
+
+_URL_PIECES = st.sampled_from(
+    ["http", "https", "HTTP", "://", ":", "/", "//", "?", "#", "@", "[", "]", "\\", "%", "-",
+     ".", "a", "Z", "0", "9", "80", "65535", "65536", "00", "example.com", "127.0.0.1", " ",
+     "\t", "\x00", "\x7f", "\u00fc", "~", "!", "'", "<", "^", "`", "{", "|"]
+)  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(["", "http://", "https://"]), st.lists(_URL_PIECES, max_size=12))
+def test_fast_path_agrees_with_full_validation(prefix: str, pieces: list[str]) -> None:
+    """Whatever the fast path accepts, the full checks accept too, unchanged."""
+    url = prefix + "".join(pieces)
+    if urls_module._is_plain(url):
+        assert _full_path(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://example.com/a.jpg", "https://cdn.example.com:8443/x/y.png?w=1&h=2#f",
+     "http://127.0.0.1:18431/lat0/photo/00001.jpg"],
+)  # fmt: skip
+def test_common_urls_take_the_fast_path(url: str) -> None:
+    assert urls_module._is_plain(url)
+    assert validate_url(url) == url == _full_path(url)
 
 
 def test_unicode_host_becomes_idna() -> None:

@@ -176,6 +176,37 @@ def test_find_ok_by_url(tmp_path: Path) -> None:
         assert journal.find_ok_by_url("http://a.example/seven") is None
 
 
+def _lookup_steps(journal: Journal, urls: list[str]) -> int:
+    """SQLite VM steps spent by one batched URL lookup (a proxy for rows visited)."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    journal._conn.set_progress_handler(count, 100)
+    try:
+        journal.find_ok_by_urls(urls)
+    finally:
+        journal._conn.set_progress_handler(None, 0)
+    return steps
+
+
+def test_batched_url_lookup_does_not_scan_the_table(tmp_path: Path) -> None:
+    """Admission looks up each batch's URLs by index: its cost must not grow with the journal
+    (a plan that scanned every OK row per batch made whole runs quadratic)."""
+    wanted = [f"http://absent.example/{n}" for n in range(200)]
+    with Journal.open(tmp_path / "out") as journal:
+        costs = []
+        for size in (1_000, 20_000):
+            for n in range(len(costs) and 1_000, size):
+                journal.put(ok_record(n))
+            journal.flush()
+            costs.append(_lookup_steps(journal, wanted))
+        assert costs[1] < costs[0] * 2 + 50, costs
+
+
 def test_iter_records_streams_in_order_with_filters(tmp_path: Path) -> None:
     with Journal.open(tmp_path / "out") as journal:
         for n in reversed(range(2500)):

@@ -300,7 +300,10 @@ class Journal:
             if position is not None:
                 found[url] = schema.from_row(self._pending[position])
         wanted = list({u for u in urls if u not in found})
-        sql = f"{schema.SELECT} WHERE status = 'ok' AND url IN"
+        # INDEXED BY: for an IN list SQLite's planner otherwise picks the (status, error_code)
+        # index and scans every OK row once per batch, which made a run quadratic in its
+        # length (20,000 items: 420,000 page reads). The partial index answers each URL alone.
+        sql = f"{schema.SELECT} INDEXED BY records_ok_url WHERE status = 'ok' AND url IN"
         for row in self._query_in(sql, wanted, order="position DESC"):
             record = schema.from_row(row)
             found[record.url] = record  # descending: the first (lowest) position wins
