@@ -99,19 +99,27 @@ def test_case_36_disk_full_on_a_small_tmpfs(origin: Origin, tmp_path: Path) -> N
 
 
 def _inject_enospc(monkeypatch: pytest.MonkeyPatch, on_call: int) -> None:
+    """The disk fills while the ``on_call``-th temp file is written (its first write fails)."""
     from fetchpool import fsutil
 
-    real = fsutil.finish_temp
-    calls = {"n": 0}
+    real_create, real_write = fsutil.create_temp_fd, fsutil.write_all
+    state: dict[str, int | None] = {"files": 0, "doomed": None}
 
-    def finish_temp(handle: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == on_call:
-            handle.close()  # type: ignore[attr-defined]
+    def create_temp_fd(directory: object, *args: object) -> tuple[int, str]:
+        fd, path = real_create(directory, *args)  # type: ignore[arg-type]
+        state["files"] = (state["files"] or 0) + 1
+        if state["files"] == on_call:
+            state["doomed"] = fd
+        return fd, path
+
+    def write_all(fd: int, data: bytes) -> None:
+        if fd == state["doomed"]:
+            state["doomed"] = None
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(handle, **kwargs)  # type: ignore[arg-type]
+        real_write(fd, data)
 
-    monkeypatch.setattr(fsutil, "finish_temp", finish_temp)
+    monkeypatch.setattr(fsutil, "create_temp_fd", create_temp_fd)
+    monkeypatch.setattr(fsutil, "write_all", write_all)
 
 
 def test_case_36_disk_full_injected(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 from pathlib import Path
@@ -29,21 +30,60 @@ TEMP_SUFFIX = ".part"
 _BUFFER = 64 * 1024
 
 
-def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[BinaryIO, str]:
-    """Create a new, empty temp file in ``directory``; return it open for writing and its path.
+# Temp names: a random per-process part (drawn once) and a counter. A name planted in
+# advance can only make a create retry (O_EXCL); drawing random bytes per file cost a
+# getrandom() call, i.e. one more GIL hand-off per item under many threads.
+_NAMES = itertools.count()
+_name_prefix = ""
 
-    The name is random, so a name planted in advance can only make this call retry.
-    """
+
+def _temp_name(directory: Path | str, suffix: str) -> str:
+    global _name_prefix  # noqa: PLW0603 - the process's name source
+    if not _name_prefix:  # two threads racing here draw two prefixes: still unique names
+        _name_prefix = secrets.token_hex(6)
+    return os.path.join(directory, f"{TEMP_PREFIX}{_name_prefix}{next(_NAMES):x}{suffix}")
+
+
+def _reset_names_in_child() -> None:
+    # A forked child must not reuse its parent's names (it would only retry, but needlessly).
+    global _name_prefix  # noqa: PLW0603
+    _name_prefix = ""
+
+
+os.register_at_fork(after_in_child=_reset_names_in_child)
+
+
+def create_temp_fd(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
+    """Create a new, empty temp file in ``directory``; return its descriptor (write-only) and
+    its path. For writers of whole chunks: no Python file object, so no ``fstat``/``lseek``
+    per file (see :func:`write_all`)."""
     for _ in range(16):
-        path = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}")
+        path = _temp_name(directory, suffix)
         try:
             fd = os.open(path, _CREATE_FLAGS | _CLOEXEC, 0o644)
         except FileExistsError:
             continue
         except OSError as exc:
             raise translate_os_error(exc, f"cannot create a temp file in {directory}") from exc
-        return os.fdopen(fd, "wb", buffering=_BUFFER), path
+        return fd, path
     raise OutputError(f"cannot create a unique temp file in {directory}")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def create_temp(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[BinaryIO, str]:
+    """Create a new, empty temp file in ``directory``; return it open for writing and its path.
+
+    The name is unpredictable from outside, and a name planted in advance can only make this
+    call retry.
+    """
+    fd, path = create_temp_fd(directory, suffix)
+    return os.fdopen(fd, "wb", buffering=_BUFFER), path
 
 
 def finish_temp(handle: BinaryIO, *, sync: bool = True) -> None:

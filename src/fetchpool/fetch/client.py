@@ -1,11 +1,11 @@
-"""The HTTP fetcher: one attempt per call, on urllib3, behind the address guard.
+"""The HTTP fetcher: one attempt per call, behind the address guard.
 
 ::
 
     fetch(job)
       └─ for each hop (≤ max_redirects):  parse URL ─▶ guard.resolve (every address checked)
-           ─▶ pooled connection pinned to the checked address ─▶ GET (no urllib3 retries or
-           redirects) ─▶ 3xx: drain, validate Location, next hop │ non-2xx: HTTP_ERROR
+           ─▶ pooled connection pinned to the checked address (fetch.http11) ─▶ GET
+           ─▶ 3xx: drain, validate Location, next hop │ non-2xx: HTTP_ERROR
            │ 2xx: stream into a temp file (sha256, size cap, deadline, min speed) ─▶ Record
 
 Failures become a failed :class:`Record` with a stable :class:`ErrorCode`; the scheduler decides
@@ -16,9 +16,10 @@ about retries (``fetchpool.policies``). Only run-level problems raise: a full di
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
-import http.client
+import os
 import re
 import resource
 import threading
@@ -26,27 +27,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
-from urllib3 import BaseHTTPResponse, HTTPHeaderDict, PoolManager
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    LocationValueError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
-from urllib3.util import Timeout, Url, parse_url
+from urllib3.exceptions import LocationValueError
+from urllib3.util import Url, parse_url
 
 from fetchpool import fsutil
 from fetchpool.config import FetchConfig
 from fetchpool.errors import DiskFullError, FetchError
 from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
 from fetchpool.fetch.guard import AddressGuard
-from fetchpool.fetch.transport import Watch, Watchdog, build_pool_manager
+from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
+from fetchpool.fetch.transport import Watch, Watchdog
 from fetchpool.models import ErrorCode, Job, Record, Status
 from fetchpool.policies import parse_retry_after
 from fetchpool.redact import redact_text, redact_url
@@ -64,7 +57,7 @@ NUM_POOLS = 1024
 FD_RESERVE = 64
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _SCHEMES = ("http", "https")
 _MESSAGE_LIMIT = 500
 _T = TypeVar("_T")
@@ -107,6 +100,14 @@ class _Target:
     @property
     def origin(self) -> tuple[str, int]:
         return (self.host.lower(), self.port)
+
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+#: Request headers by lowercased name: (name as sent, value), in sending order.
+_Headers = dict[str, tuple[str, str]]
 
 
 class _Throughput:
@@ -159,13 +160,10 @@ class HttpFetcher:
         # More fetches than descriptors would fail items with EMFILE (RELIABILITY.md case
         # 42): the extra threads wait here instead, before their attempt's clock starts.
         self._slots = threading.BoundedSemaphore(concurrent)
-        self._manager: PoolManager = build_pool_manager(
-            per_host=config.per_host,
-            num_pools=pools,
-            insecure=config.insecure,
-            max_header_bytes=config.max_header_bytes,
-            timeout=Timeout(connect=config.connect_timeout, read=config.read_timeout),
+        self._pool = ConnectionPool(
+            per_host=config.per_host, num_pools=pools, insecure=config.insecure
         )
+        self._base_headers = self._initial_headers(None)
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
@@ -186,13 +184,14 @@ class HttpFetcher:
     def close(self) -> None:
         """Close every pooled connection and stop the deadline watchdog."""
         self._watchdog.close()
-        self._manager.clear()
+        self._pool.clear()
 
     # -- hops ---------------------------------------------------------------------------------
 
     def _follow(self, record: Record, attempt: _Attempt) -> None:
         url = record.url
-        headers = self._initial_headers(_parse_target(url))
+        first = _parse_target(url)
+        headers = self._initial_headers(first) if first.auth else self._base_headers
         seen = {url}
         while True:
             target = _parse_target(url)
@@ -217,16 +216,20 @@ class HttpFetcher:
                 headers = _without_credentials(headers)
             url = next_url
 
-    def _initial_headers(self, target: _Target) -> HTTPHeaderDict:
-        headers = HTTPHeaderDict()
-        headers["User-Agent"] = self._config.user_agent
-        headers["Accept-Encoding"] = self._config.accept_encoding
-        headers["Accept"] = "*/*"
-        for name, value in self._config.headers:
-            headers[name] = value
-        auth = _basic_auth(target.auth)
+    def _initial_headers(self, target: _Target | None) -> _Headers:
+        headers: _Headers = {}
+        fields = [
+            ("User-Agent", self._config.user_agent),
+            ("Accept-Encoding", self._config.accept_encoding),
+            ("Accept", "*/*"),
+            *self._config.headers,
+        ]
+        auth = _basic_auth(target.auth if target is not None else None)
         if auth is not None:
-            headers["Authorization"] = auth
+            fields.append(("Authorization", auth))
+        for name, value in fields:  # a later field replaces an earlier one of the same name
+            headers.pop(name.lower(), None)
+            headers[name.lower()] = (name, value)
         return headers
 
     def _next_hop(self, target: _Target, location: str, record: Record) -> str:
@@ -253,9 +256,7 @@ class HttpFetcher:
 
     # -- one request --------------------------------------------------------------------------
 
-    def _open(
-        self, target: _Target, headers: HTTPHeaderDict, attempt: _Attempt
-    ) -> BaseHTTPResponse:
+    def _open(self, target: _Target, headers: _Headers, attempt: _Attempt) -> Response:
         addresses = self._guard.resolve(target.host, target.port)
         last: FetchError | None = None
         for address in addresses:
@@ -270,63 +271,49 @@ class HttpFetcher:
         assert last is not None  # resolve() never returns an empty list
         raise last
 
-    def _request(
-        self, target: _Target, ip: str, headers: HTTPHeaderDict, attempt: _Attempt
-    ) -> BaseHTTPResponse:
+    def _request(self, target: _Target, ip: str, headers: _Headers, attempt: _Attempt) -> Response:
         left = attempt.ensure_time(self._config.total_timeout)
-        timeout = Timeout(
-            connect=min(self._config.connect_timeout, left),
-            read=min(self._config.read_timeout, left),
-        )
-        pool = self._manager.connection_from_host(
-            target.host, target.port, target.scheme, pool_kwargs={"pinned_ip": ip}
-        )
+        key: Key = (target.scheme, target.host.lower(), target.port, ip)
         try:
-            return pool.urlopen(
-                "GET",
-                target.request_uri,
-                headers=headers,
-                retries=False,
-                redirect=False,
-                timeout=timeout,
-                preload_content=False,
-                decode_content=False,
-                enforce_content_length=True,
-                assert_same_host=False,
-                release_conn=False,
+            return self._pool.request(
+                key,
+                _request_bytes(target, headers),
+                connect_timeout=min(self._config.connect_timeout, left),
+                read_timeout=min(self._config.read_timeout, left),
+                header_budget=self._config.max_header_bytes,
             )
-        except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
+        except (WireError, OSError, ValueError) as exc:
             raise self._translate(exc, attempt) from exc
 
     # -- the response -------------------------------------------------------------------------
 
     def _receive(
-        self, response: BaseHTTPResponse, record: Record, target: _Target, attempt: _Attempt
+        self, response: Response, record: Record, target: _Target, attempt: _Attempt
     ) -> None:
         record.http_status = response.status
-        record.content_type = response.headers.get("Content-Type")
+        record.content_type = response.headers.get("content-type")
         if not 200 <= response.status < 300:
             self._refuse_status(response, record, attempt)
         try:
             length = self._declared_length(response)
             self._save_body(response, record, target, length, attempt)
         except BaseException:
-            _abandon(response)
+            response.close()
             raise
-        response.release_conn()
+        response.release()
 
-    def _refuse_status(self, response: BaseHTTPResponse, record: Record, attempt: _Attempt) -> None:
+    def _refuse_status(self, response: Response, record: Record, attempt: _Attempt) -> None:
         if response.status in (429, 503):
-            record.retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+            record.retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         self._discard_body(response, attempt)
         reason = f" {response.reason}" if response.reason else ""
         raise FetchError(
             ErrorCode.HTTP_ERROR, f"HTTP {response.status}{reason}", http_status=response.status
         )
 
-    def _declared_length(self, response: BaseHTTPResponse) -> int | None:
+    def _declared_length(self, response: Response) -> int | None:
         headers = response.headers
-        if "Content-Length" in headers and "Transfer-Encoding" in headers:
+        if "content-length" in headers and "transfer-encoding" in headers:
             # RFC 9112 6.3: a sender must not send both; it is how requests get smuggled.
             raise FetchError(
                 ErrorCode.PROTOCOL_ERROR, "both Content-Length and Transfer-Encoding sent"
@@ -341,18 +328,26 @@ class HttpFetcher:
 
     def _save_body(
         self,
-        response: BaseHTTPResponse,
+        response: Response,
         record: Record,
         target: _Target,
         length: int | None,
         attempt: _Attempt,
     ) -> None:
-        handle, path = fsutil.create_temp(self._tmp_dir)
+        fd, path = fsutil.create_temp_fd(self._tmp_dir)
         try:
-            digest, size, head = self._stream(response, handle, length, attempt)
-            _local_io(_close_unsynced, handle)  # the writer fsyncs it before naming it
+            digest, size, head = self._stream(response, fd, length, attempt)
         except BaseException:
-            fsutil.abandon(handle, path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            fsutil.discard(path)
+            raise
+        # Not fsynced here: the writer does it before naming the file (a shard writer never
+        # needs this temp file on disk at all).
+        try:
+            _local_io(os.close, fd)
+        except BaseException:
+            fsutil.discard(path)
             raise
         record.temp_path = path
         record.bytes = size
@@ -361,7 +356,7 @@ class HttpFetcher:
         record.status = Status.OK
 
     def _stream(
-        self, response: BaseHTTPResponse, handle: BinaryIO, length: int | None, attempt: _Attempt
+        self, response: Response, fd: int, length: int | None, attempt: _Attempt
     ) -> tuple[str, int, bytes]:
         hasher = hashlib.sha256()
         meter = _Throughput(self._clock, self._config.min_speed, self._config.min_speed_window)
@@ -373,7 +368,7 @@ class HttpFetcher:
                 raise FetchError(
                     ErrorCode.TOO_LARGE, f"body exceeds max_bytes={self._config.max_bytes}"
                 )
-            _local_io(handle.write, chunk)
+            _local_io(fsutil.write_all, fd, chunk)
             hasher.update(chunk)
             if len(head) < HEAD_BYTES:
                 head += chunk[: HEAD_BYTES - len(head)]
@@ -385,7 +380,7 @@ class HttpFetcher:
         return hasher.hexdigest(), size, head
 
     def _read_chunk(
-        self, response: BaseHTTPResponse, attempt: _Attempt, length: int | None, size: int
+        self, response: Response, attempt: _Attempt, length: int | None, size: int
     ) -> bytes:
         left = attempt.ensure_time(self._config.total_timeout)
         _set_read_timeout(response, min(self._config.read_timeout, left))
@@ -393,7 +388,7 @@ class HttpFetcher:
             # read1: return what has arrived (one recv at most) so that the deadline and
             # speed checks run between reads, even on a body that trickles in.
             return response.read1(CHUNK_SIZE)
-        except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
+        except (WireError, OSError, ValueError) as exc:
             error = self._translate(exc, attempt)
             if error.code is ErrorCode.PROTOCOL_ERROR and length is not None:
                 # The connection broke before the announced length: a short body (retried).
@@ -403,7 +398,7 @@ class HttpFetcher:
                 )
             raise error from exc
 
-    def _discard_body(self, response: BaseHTTPResponse, attempt: _Attempt) -> None:
+    def _discard_body(self, response: Response, attempt: _Attempt) -> None:
         """Read a small unwanted body so the connection can be reused; else close it."""
         length = response.length_remaining
         if length is None or length <= ERROR_BODY_LIMIT:
@@ -413,21 +408,24 @@ class HttpFetcher:
                     _set_read_timeout(response, min(self._config.read_timeout, attempt.remaining()))
                     chunk = response.read1(min(CHUNK_SIZE, budget))
                     if not chunk:
-                        response.release_conn()
+                        response.release()
                         return
                     budget -= len(chunk)
-            except (HTTPError, http.client.HTTPException, OSError, ValueError):
+            except (WireError, OSError, ValueError):
                 pass
-        _abandon(response)
+        response.close()
 
     def _translate(self, exc: BaseException, attempt: _Attempt) -> FetchError:
-        """Map a urllib3 / http.client / socket error to the item's error code."""
-        code, what = _classify(exc)
-        if attempt.expired() and not isinstance(exc, FetchError):
+        """Map a transport or socket error to the item's error code."""
+        if attempt.expired() and (isinstance(exc, WireError) or not isinstance(exc, FetchError)):
             # Past the deadline, whatever broke (a timeout, or a socket the watchdog shut
             # down) broke because time ran out.
             return FetchError(ErrorCode.TOTAL_TIMEOUT, self._total_timeout_message())
-        return FetchError(code, f"{what}: {_describe(exc)}")
+        if isinstance(exc, FetchError):
+            return FetchError(exc.code, redact_text(exc.message), http_status=exc.http_status)
+        if isinstance(exc, TimeoutError):
+            return FetchError(ErrorCode.READ_TIMEOUT, f"read timed out: {_describe(exc)}")
+        return FetchError(ErrorCode.PROTOCOL_ERROR, f"protocol error: {_describe(exc)}")
 
     def _total_timeout_message(self) -> str:
         return f"attempt exceeded total_timeout={self._config.total_timeout:g}s"
@@ -451,30 +449,6 @@ def fd_budget(threads: int, per_host: int, soft_limit: int | None = None) -> tup
     concurrent = max(1, min(threads, spare // 3))
     pools = max(1, min(NUM_POOLS, (spare - 2 * concurrent) // per_host))
     return concurrent, pools
-
-
-# First match wins: NewConnectionError subclasses ConnectTimeoutError, so it comes first.
-_CLASSIFICATION: tuple[tuple[tuple[type[BaseException], ...], ErrorCode, str], ...] = (
-    ((NewConnectionError,), ErrorCode.CONNECT_ERROR, "cannot connect"),
-    ((ConnectTimeoutError,), ErrorCode.CONNECT_TIMEOUT, "connect timed out"),
-    ((ReadTimeoutError, TimeoutError), ErrorCode.READ_TIMEOUT, "read timed out"),
-    ((SSLError,), ErrorCode.TLS_ERROR, "TLS error"),
-    ((LocationValueError,), ErrorCode.INVALID_URL, "invalid URL"),
-    (
-        (ProtocolError, HTTPError, http.client.HTTPException, ValueError),
-        ErrorCode.PROTOCOL_ERROR,
-        "protocol error",
-    ),
-)
-
-
-def _classify(exc: BaseException) -> tuple[ErrorCode, str]:
-    if isinstance(exc, FetchError):
-        return exc.code, exc.message
-    for kinds, code, what in _CLASSIFICATION:
-        if isinstance(exc, kinds):
-            return code, what
-    return ErrorCode.CONNECT_ERROR, "connection failed"
 
 
 def _describe(exc: BaseException) -> str:
@@ -509,10 +483,10 @@ def _parse_target(url: str) -> _Target:
     return _Target(url, scheme, parsed.host, port, parsed.request_uri, parsed.auth)
 
 
-def _redirect_location(response: BaseHTTPResponse) -> str | None:
+def _redirect_location(response: Response) -> str | None:
     if response.status not in _REDIRECT_STATUSES:
         return None
-    location = response.headers.get("Location")
+    location = response.headers.get("location")
     return location if location else None
 
 
@@ -524,29 +498,29 @@ def _basic_auth(userinfo: str | None) -> str | None:
     return "Basic " + base64.b64encode(token).decode("ascii")
 
 
-def _without_credentials(headers: HTTPHeaderDict) -> HTTPHeaderDict:
-    kept = headers.copy()
-    for name in _CREDENTIAL_HEADERS:
-        kept.discard(name)
-    return kept
+def _without_credentials(headers: _Headers) -> _Headers:
+    return {key: field for key, field in headers.items() if key not in _CREDENTIAL_HEADERS}
 
 
-def _set_read_timeout(response: BaseHTTPResponse, seconds: float) -> None:
-    # urllib3 fixes the read timeout when the request starts; narrowing it per read makes
-    # every blocking recv end by the attempt's deadline.
-    sock = getattr(response.connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(max(seconds, 0.001))
+def _request_bytes(target: _Target, headers: _Headers) -> bytes:
+    """The GET request for ``target``: request line, Host (unless given), the other fields."""
+    lines = [f"GET {target.request_uri} HTTP/1.1"]
+    if "host" not in headers:
+        lines.append(f"Host: {target.host_header()}")
+    lines.extend(f"{name}: {value}" for name, value in headers.values())
+    lines.append("\r\n")
+    try:
+        return "\r\n".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        raise FetchError(
+            ErrorCode.INVALID_URL, "request has characters that HTTP/1.1 cannot carry"
+        ) from None
 
 
-def _abandon(response: BaseHTTPResponse) -> None:
-    """Close the response and its connection: it is in an unknown state, never reused."""
-    response.close()
-    response.release_conn()
-
-
-def _close_unsynced(handle: BinaryIO) -> None:
-    fsutil.finish_temp(handle, sync=False)
+def _set_read_timeout(response: Response, seconds: float) -> None:
+    # The read timeout set when the request started; narrowing it per read makes every
+    # blocking recv end by the attempt's deadline (a no-op while the deadline is far).
+    response.set_timeout(seconds)
 
 
 def _local_io(operation: Callable[..., _T], *args: object) -> _T:

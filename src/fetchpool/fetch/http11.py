@@ -1,0 +1,562 @@
+"""HTTP/1.1 on the wire: pooled connections pinned to checked addresses, bounded parsing.
+
+This is the layer under :class:`~fetchpool.fetch.client.HttpFetcher`: it opens (or reuses) a
+connection to exactly the address the guard approved, sends a GET whose bytes the fetcher
+built, reads the status line and headers within a byte budget, and hands back a
+:class:`Response` whose body is read in pieces (``read1``), framed by Content-Length, chunked
+encoding or the connection's end.
+
+Why not urllib3 + http.client, which fetchpool used first: the fetcher needs little of them
+(one method, no redirects, no retries, no decoding, no proxies) and paid for all of it on every
+request — ``Timeout``/``HTTPHeaderDict``/``Retry`` objects, pool-key tuples, ``email.parser``
+for headers — 185 µs of CPU per request for urllib3 and 94 µs for bare http.client, against
+~60 µs here (docs/benchmarks.md). Under the GIL that CPU is what caps a run of many small
+files. What is kept from urllib3's design: a per-(host, address) pool of idle connections, a
+liveness check before reuse, and one transparent retry when a reused connection turns out to
+have been closed by the server before it answered (the request is a GET, safe to repeat).
+
+Every failure is a :class:`WireError` (a :class:`~fetchpool.errors.FetchError`) carrying the
+item's error code; nothing else escapes, except :class:`KeyboardInterrupt` and friends.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import select
+import socket
+import ssl
+import struct
+import threading
+
+from fetchpool.errors import FetchError
+from fetchpool.fetch import transport
+from fetchpool.models import ErrorCode
+
+__all__ = ["Connection", "ConnectionPool", "Response", "WireError", "tls_context"]
+
+#: Bytes asked of the kernel per read while looking for the end of the headers: a small
+#: response (headers + body) usually arrives in one read.
+HEAD_READ = 64 * 1024
+#: A chunk-size line longer than this is not a chunk size.
+MAX_CHUNK_LINE = 4096
+#: What every connection sets: requests are small and written at once, so Nagle only delays.
+SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+Key = tuple[str, str, int, str]  # (scheme, host lowercased, port, pinned address)
+
+
+class WireError(FetchError):
+    """A transport failure, already classified (connect, TLS, timeout, protocol)."""
+
+
+class _Stale(Exception):
+    """A reused connection was closed by the server before any byte of an answer."""
+
+
+def _protocol_error(message: str) -> WireError:
+    return WireError(ErrorCode.PROTOCOL_ERROR, f"protocol error: {message}")
+
+
+def _read_timeout() -> WireError:
+    return WireError(ErrorCode.READ_TIMEOUT, "read timed out")
+
+
+def tls_context(*, insecure: bool) -> ssl.SSLContext:
+    """The TLS settings of every HTTPS connection: system trust store (``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` honoured), name checked, TLS ≥ 1.2, ALPN ``http/1.1``; ``insecure``
+    skips the certificate and name checks (``--insecure``)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Connection:
+    """One TCP (or TLS) connection and the bytes read from it but not yet consumed.
+
+    Timeouts: a plain TCP socket is left in blocking mode and bounded by the kernel's
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` (an expired wait fails with ``EAGAIN``). A Python socket
+    timeout would instead poll() before every recv and send, and every settimeout() is an
+    ioctl: each a syscall that hands the GIL over to another thread, which is what limits a
+    run of many small files. TLS sockets keep Python's timeouts (the ssl module needs them).
+    """
+
+    __slots__ = ("buffer", "key", "reused", "sock", "timeout", "tls")
+
+    def __init__(self, sock: socket.socket, key: Key, timeout: float) -> None:
+        self.sock = sock
+        self.key = key
+        self.buffer = b""
+        self.reused = False
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.timeout = -1.0
+        if not self.tls:
+            sock.settimeout(None)
+        self.set_timeout(timeout)
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound each blocking read and write by ``seconds`` (no syscall when unchanged)."""
+        seconds = max(seconds, 0.001)  # a zero timeval would mean "wait forever"
+        if seconds == self.timeout:
+            return
+        self.timeout = seconds
+        if self.tls:
+            self.sock.settimeout(seconds)
+            return
+        whole = int(seconds)
+        value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def dropped(self) -> bool:
+        """True when an idle connection is readable: the server closed it (or misbehaves)."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except (TimeoutError, BlockingIOError):
+            raise _read_timeout() from None
+        except ssl.SSLError as exc:
+            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+        except OSError as exc:
+            raise _protocol_error(f"connection broken: {exc}") from exc
+
+    def exchange(self, request: bytes, timeout: float, header_budget: int) -> Response:
+        """Send ``request``, read the answer's head; raise :class:`_Stale` when a reused
+        connection was closed before it answered anything."""
+        self.set_timeout(timeout)
+        try:
+            self.sock.sendall(request)
+        except (TimeoutError, BlockingIOError):
+            raise WireError(ErrorCode.READ_TIMEOUT, "write timed out") from None
+        except ssl.SSLError as exc:
+            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+        except OSError as exc:
+            if self.reused:
+                raise _Stale from exc
+            raise _protocol_error(f"connection aborted: {exc}") from exc
+        budget = header_budget
+        while True:
+            status, head_bytes, headers, version, reason = self._read_head(budget)
+            budget -= head_bytes
+            if 100 <= status < 200 and status != 101:
+                continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            return Response(self, status, reason, version, headers)
+
+    def _read_head(self, budget: int) -> tuple[int, int, dict[str, str], int, str]:
+        data = self.buffer
+        first = not data
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end != -1:
+                cut = end + 4
+                break
+            end = data.find(b"\n\n")  # bare LF line ends (tolerated, as http.client does)
+            if end != -1:
+                cut = end + 2
+                break
+            if len(data) > budget:
+                raise _protocol_error("response headers exceed the size limit")
+            try:
+                chunk = self.sock.recv(min(HEAD_READ, budget + 1 - len(data)))
+            except (TimeoutError, BlockingIOError):
+                raise _read_timeout() from None
+            except ssl.SSLError as exc:
+                raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+            except OSError as exc:
+                if first and not data and self.reused:
+                    raise _Stale from exc
+                raise _protocol_error(f"connection broken: {exc}") from exc
+            if not chunk:
+                if first and not data and self.reused:
+                    raise _Stale
+                what = "without a response" if not data else "in the middle of the headers"
+                raise _protocol_error(f"server closed the connection {what}")
+            data += chunk
+        if cut > budget:
+            raise _protocol_error("response headers exceed the size limit")
+        self.buffer = data[cut:]
+        status, version, reason, headers = _parse_head(data[:end])
+        return status, cut, headers, version, reason
+
+
+def _parse_head(head: bytes) -> tuple[int, int, str, dict[str, str]]:
+    lines = head.split(b"\n")
+    parts = lines[0].rstrip(b"\r").split(None, 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        shown = lines[0][:60].decode("latin-1")
+        raise _protocol_error(f"not an HTTP/1.x status line: {shown!r}")
+    code = parts[1]
+    if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
+        raise _protocol_error(f"invalid status code {code[:10].decode('latin-1')!r}")
+    version = 11 if parts[0] == b"HTTP/1.1" else 10
+    reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
+    headers: dict[str, str] = {}
+    name = ""
+    for raw in lines[1:]:
+        line = raw.rstrip(b"\r")
+        if not line:
+            continue
+        if line[0] in b" \t":  # obsolete line folding: a continuation of the previous value
+            if not name:
+                raise _protocol_error("header continuation without a header")
+            headers[name] = f"{headers[name]} {line.strip().decode('latin-1')}"
+            continue
+        field, colon, value = line.partition(b":")
+        if not colon or not field or not _TOKEN.issuperset(field):
+            raise _protocol_error(f"invalid header line {line[:40].decode('latin-1')!r}")
+        name = field.decode("ascii").lower()
+        text = value.strip().decode("latin-1")
+        known = headers.get(name)
+        if known is None:
+            headers[name] = text
+        elif name == "content-length":
+            if known != text:
+                raise _protocol_error(f"conflicting Content-Length headers {known!r}, {text!r}")
+        else:
+            headers[name] = f"{known}, {text}"
+    return int(code), version, reason, headers
+
+
+class Response:
+    """A response whose head was read; the body is read with :meth:`read1`.
+
+    ``headers`` maps lowercased names to values (repeated fields joined by ``", "``).
+    ``length_remaining`` is the announced Content-Length less what was read, or ``None``
+    for a chunked body or one that ends with the connection.
+    """
+
+    __slots__ = (
+        "_chunk_left",
+        "_chunked",
+        "_conn",
+        "_done",
+        "_keep",
+        "_left",
+        "_pool",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self, conn: Connection, status: int, reason: str, version: int, headers: dict[str, str]
+    ) -> None:
+        self._conn: Connection | None = conn
+        self._pool: ConnectionPool | None = None
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        tokens = headers.get("connection", "").lower()
+        self._keep = version == 11 and "close" not in tokens
+        self._chunked = False
+        self._chunk_left = -1  # -1: the next chunk's size line has not been read
+        self._left: int | None = None
+        self._done = False
+        encoding = headers.get("transfer-encoding")
+        if status in _NO_BODY_STATUSES:
+            self._left = 0
+        elif encoding is not None:
+            self._chunked = encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            if not self._chunked:  # RFC 9112 6.3: any other final coding runs to the end
+                self._keep = False
+        elif "content-length" in headers:
+            declared = headers["content-length"]
+            if not declared.isdigit() or not declared.isascii():
+                raise _protocol_error(f"invalid Content-Length {declared[:20]!r}")
+            self._left = int(declared)
+        else:
+            self._keep = False  # the body ends when the server closes the connection
+        if self._left == 0:
+            self._done = True
+
+    @property
+    def length_remaining(self) -> int | None:
+        return None if self._chunked else self._left
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound the next reads of the body by ``seconds`` each."""
+        if self._conn is not None:
+            self._conn.set_timeout(seconds)
+
+    def read1(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body, at most one read from the socket; ``b""`` at its
+        end. A body cut short of its Content-Length also ends with ``b""``: the caller
+        compares sizes (and the connection is not reused)."""
+        conn = self._conn
+        if self._done or conn is None:
+            return b""
+        if self._chunked:
+            return self._read_chunked(conn, size)
+        if self._left is not None:
+            size = min(size, self._left)
+        data = self._take(conn, size)
+        if not data:
+            self._done = True
+            if self._left is not None:  # short of the announced length
+                self._keep = False
+            return b""
+        if self._left is not None:
+            self._left -= len(data)
+            if self._left == 0:
+                self._done = True
+        return data
+
+    def _take(self, conn: Connection, size: int) -> bytes:
+        buffered = conn.buffer
+        if buffered:
+            data, conn.buffer = buffered[:size], buffered[size:]
+            return data
+        return conn.recv(size)
+
+    def _read_chunked(self, conn: Connection, size: int) -> bytes:
+        if self._chunk_left <= 0:
+            # A chunk's data ends with CRLF (_chunk_left is -1 before the first chunk).
+            if self._chunk_left == 0 and self._line(conn, 2).strip():
+                raise _protocol_error("chunk not followed by CRLF")
+            line = self._line(conn, MAX_CHUNK_LINE)
+            text = line.split(b";", 1)[0].strip()
+            try:
+                chunk = int(text, 16)
+                if not text or text[0:1] in b"+-" or chunk < 0:
+                    raise ValueError
+            except ValueError:
+                raise _protocol_error(f"invalid chunk size {text[:20]!r}") from None
+            if chunk == 0:
+                self._trailers(conn)
+                self._done = True
+                return b""
+            self._chunk_left = chunk
+        data = self._take(conn, min(size, self._chunk_left))
+        if not data:
+            self._keep = False
+            raise _protocol_error("chunked body ended before its last chunk")
+        self._chunk_left -= len(data)
+        return data
+
+    def _line(self, conn: Connection, limit: int) -> bytes:
+        while True:
+            end = conn.buffer.find(b"\n")
+            if end != -1:
+                line, conn.buffer = conn.buffer[: end + 1], conn.buffer[end + 1 :]
+                return line
+            if len(conn.buffer) > limit:
+                raise _protocol_error("chunk framing line too long")
+            more = conn.recv(HEAD_READ)
+            if not more:
+                self._keep = False
+                raise _protocol_error("chunked body ended before its last chunk")
+            conn.buffer += more
+
+    def _trailers(self, conn: Connection) -> None:
+        budget = 64 * 1024
+        while True:
+            line = self._line(conn, budget)
+            budget -= len(line)
+            if budget < 0:
+                raise _protocol_error("chunked trailers exceed the size limit")
+            if not line.strip():
+                return
+
+    def release(self) -> None:
+        """Give the connection back for reuse when the body was read to its end and the
+        server allows it; close it otherwise."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._done and self._keep and not conn.buffer and self._pool is not None:
+            self._pool.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the connection: it is in an unknown state and never reused."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections by (scheme, host, port, pinned address).
+
+    A connection opened to one address is only ever reused for a request that the guard
+    checked against that same address. At most ``per_host`` idle connections are kept per
+    key and ``num_pools`` keys (the least recently used key's connections are closed first).
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_host: int,
+        num_pools: int,
+        insecure: bool,
+    ) -> None:
+        self._per_host = per_host
+        self._num_pools = num_pools
+        self._insecure = insecure
+        self._tls: ssl.SSLContext | None = None
+        self._idle: collections.OrderedDict[Key, list[Connection]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def request(
+        self,
+        key: Key,
+        request: bytes,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        header_budget: int,
+    ) -> Response:
+        """Send ``request`` on an idle connection for ``key`` or a new one; the response head.
+
+        A reused connection found closed before it answered is replaced once by a new one.
+        """
+        conn = self._take_idle(key)
+        if conn is not None:
+            transport.attach_current(conn.sock)
+            try:
+                return self._exchange(conn, request, read_timeout, header_budget)
+            except _Stale:
+                conn.close()
+                self._drop_idle(key)  # its siblings were likely closed at the same time
+        conn = self._connect(key, connect_timeout)
+        try:
+            return self._exchange(conn, request, read_timeout, header_budget)
+        except _Stale:  # a new connection is never stale; defensive only
+            conn.close()
+            raise _protocol_error("server closed the connection without a response") from None
+
+    def _exchange(
+        self, conn: Connection, request: bytes, timeout: float, header_budget: int
+    ) -> Response:
+        try:
+            response = conn.exchange(request, timeout, header_budget)
+        except _Stale:
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        response._pool = self
+        return response
+
+    def _connect(self, key: Key, timeout: float) -> Connection:
+        scheme, host, port, ip = key
+        try:
+            sock = transport.open_socket(ip, port, timeout, SOCKET_OPTIONS)
+        except TimeoutError:
+            raise WireError(
+                ErrorCode.CONNECT_TIMEOUT,
+                f"connect timed out: connection to {host} ({ip}) timed out",
+            ) from None
+        except OSError as exc:
+            raise WireError(
+                ErrorCode.CONNECT_ERROR, f"cannot connect: to {host} ({ip}): {exc}"
+            ) from exc
+        transport.attach_current(sock)
+        if scheme == "https":
+            sock = self._handshake(sock, host, timeout)
+        return Connection(sock, key, timeout)
+
+    def _handshake(self, sock: socket.socket, host: str, timeout: float) -> socket.socket:
+        try:
+            context = self._tls_context()
+            return context.wrap_socket(sock, server_hostname=host.strip("[]"))
+        except (ssl.SSLCertVerificationError, ssl.CertificateError) as exc:
+            sock.close()
+            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+        except (ssl.SSLEOFError, ConnectionError) as exc:
+            # A peer that drops the connection during the handshake is a connect failure
+            # (transient, retried), not a certificate problem.
+            sock.close()
+            raise WireError(
+                ErrorCode.CONNECT_ERROR, f"cannot connect: TLS handshake with {host} aborted: {exc}"
+            ) from exc
+        except TimeoutError:
+            sock.close()
+            raise WireError(
+                ErrorCode.CONNECT_TIMEOUT, f"connect timed out: TLS handshake with {host}"
+            ) from None
+        except ssl.SSLError as exc:
+            sock.close()
+            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise WireError(
+                ErrorCode.CONNECT_ERROR, f"cannot connect: TLS handshake with {host}: {exc}"
+            ) from exc
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Built at first use, not at start: a plain-HTTP run never loads the trust store.
+        with self._lock:
+            if self._tls is None:
+                self._tls = tls_context(insecure=self._insecure)
+            return self._tls
+
+    def _take_idle(self, key: Key) -> Connection | None:
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn = idle.pop()
+                self._idle.move_to_end(key)
+            if not conn.dropped():
+                conn.reused = True
+                return conn
+            conn.close()
+
+    def _drop_idle(self, key: Key) -> None:
+        with self._lock:
+            idle = self._idle.pop(key, [])
+        for conn in idle:
+            conn.close()
+
+    def put(self, conn: Connection) -> None:
+        """Keep ``conn`` for reuse (or close it when the pool for its key is full)."""
+        evicted: list[Connection] = []
+        with self._lock:
+            if self._closed:
+                evicted.append(conn)
+            else:
+                idle = self._idle.get(conn.key)
+                if idle is None:
+                    idle = self._idle[conn.key] = []
+                    while len(self._idle) > self._num_pools:
+                        _, oldest = self._idle.popitem(last=False)
+                        evicted.extend(oldest)
+                else:
+                    self._idle.move_to_end(conn.key)
+                if len(idle) < self._per_host:
+                    idle.append(conn)
+                else:
+                    evicted.append(conn)
+        for extra in evicted:
+            extra.close()
+
+    def clear(self) -> None:
+        """Close every idle connection; connections in use are closed when released."""
+        with self._lock:
+            self._closed = True
+            pools, self._idle = list(self._idle.values()), collections.OrderedDict()
+        for connections in pools:
+            for conn in connections:
+                conn.close()

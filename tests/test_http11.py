@@ -1,0 +1,187 @@
+"""The HTTP/1.1 wire layer under HttpFetcher: framing, tolerance, and connection reuse.
+
+Everything talks to a raw-socket server on loopback (tests/socketserver_faults.py), so each
+case controls the exact bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fetchpool.config import FetchConfig
+from fetchpool.fetch import HttpFetcher
+from fetchpool.fetch.http11 import ConnectionPool, WireError
+from fetchpool.models import ErrorCode, Job, Record
+from socketserver_faults import FaultServer, read_request, response
+
+CONFIG = FetchConfig(
+    allow_private_networks=True,
+    connect_timeout=1.0,
+    read_timeout=1.0,
+    total_timeout=5.0,
+    min_speed=0,
+    max_bytes=1024 * 1024,
+)
+
+
+@pytest.fixture
+def fetcher(tmp_path: Path) -> Iterator[HttpFetcher]:
+    made = HttpFetcher(CONFIG, tmp_path)
+    yield made
+    made.close()
+
+
+def fetch(fetcher: HttpFetcher, server: FaultServer, path: str = "/x") -> Record:
+    return fetcher.fetch(Job(position=0, url=server.url(path)))
+
+
+def body_of(record: Record) -> bytes:
+    assert record.ok, (record.error_code, record.error_message)
+    assert record.temp_path is not None
+    return Path(record.temp_path).read_bytes()
+
+
+def answering(*payloads: bytes, then: Callable[[socket.socket], None] | None = None):  # type: ignore[no-untyped-def]
+    """A handler that answers one request per payload on each connection, then closes."""
+
+    def handler(sock: socket.socket, server: FaultServer) -> None:
+        for payload in payloads:
+            request = read_request(sock)
+            if not request:
+                return
+            server.record(request)
+            sock.sendall(payload)
+        if then is not None:
+            then(sock)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        + response(200, b"final"),
+        b"HTTP/1.1 200 OK\nContent-Length: 5\nX-Bare-LF: yes\n\nfinal",
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 5\r\n\r\nfinal",
+        b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nfinal",  # no reason phrase
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2;ext=1\r\nfi\r\n3\r\nnal\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nfinal",  # ends with the connection
+    ],
+    ids=["interim-1xx", "bare-lf", "obs-fold", "no-reason", "chunked-ext-trailers", "http10"],
+)
+def test_tolerated_framings(fetcher: HttpFetcher, payload: bytes) -> None:
+    with FaultServer(answering(payload)) as server:
+        assert body_of(fetch(fetcher, server)) == b"final"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"HTTP/2 200 OK\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # closed inside the headers
+    ],
+    ids=["http2", "4-digit-status", "space-in-name", "negative-length", "negative-chunk",
+         "chunk-overrun", "cut-headers"],
+)  # fmt: skip
+def test_refused_framings(fetcher: HttpFetcher, payload: bytes) -> None:
+    with FaultServer(answering(payload)) as server:
+        record = fetch(fetcher, server)
+    assert record.error_code is ErrorCode.PROTOCOL_ERROR, (record.error_code, record.error_message)
+
+
+def test_keepalive_closed_by_the_server_is_replaced_transparently(fetcher: HttpFetcher) -> None:
+    """The server answers once per connection, then reads the next request and hangs up
+    without a word (its keep-alive timeout hit just then): the GET is sent again on a new
+    connection instead of failing the item."""
+    with FaultServer(answering(response(200, b"one"), then=read_request)) as s:
+        assert body_of(fetch(fetcher, s, "/1")) == b"one"
+        second = fetch(fetcher, s, "/2")
+        assert body_of(second) == b"one"
+        assert s.connections == 2
+
+
+def test_idle_connection_closed_by_the_server_is_not_reused(fetcher: HttpFetcher) -> None:
+    with FaultServer(answering(response(200, b"one"))) as server:
+        assert body_of(fetch(fetcher, server, "/1")) == b"one"
+        time.sleep(0.05)  # the server has closed it by now: the pool's check notices
+        assert body_of(fetch(fetcher, server, "/2")) == b"one"
+        assert server.connections == 2
+
+
+def test_bytes_after_the_body_poison_the_connection(fetcher: HttpFetcher) -> None:
+    """A server that sends more than the announced body (a second, unasked response) must not
+    have those bytes read as the answer to the next request."""
+    smuggled = response(200, b"good") + response(200, b"EVIL")
+    with FaultServer(answering(smuggled, response(200, b"next"))) as server:
+        assert body_of(fetch(fetcher, server, "/1")) == b"good"
+        assert body_of(fetch(fetcher, server, "/2")) == b"good"  # a new connection's answer
+        assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        response(200, b"bye", {"Connection": "close"}),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nbye",
+        b"HTTP/1.1 200 OK\r\n\r\nbye",
+    ],
+    ids=["connection-close", "http10", "until-close"],
+)
+def test_connections_the_server_ends_are_not_pooled(fetcher: HttpFetcher, payload: bytes) -> None:
+    def close_after(sock: socket.socket) -> None:
+        sock.close()
+
+    with FaultServer(answering(payload, then=close_after)) as server:
+        assert body_of(fetch(fetcher, server, "/1")) == b"bye"
+        assert body_of(fetch(fetcher, server, "/2")) == b"bye"
+        assert server.connections == 2
+
+
+def test_large_body_across_many_reads_is_exact(fetcher: HttpFetcher) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: many recv calls, buffered and not
+    with FaultServer(answering(response(200, body))) as server:
+        record = fetch(fetcher, server)
+    assert record.sha256 == hashlib.sha256(body).hexdigest()
+    assert body_of(record) == body
+
+
+def test_read_timeout_is_enforced_by_the_kernel_timeout() -> None:
+    """Plain sockets stay blocking with SO_RCVTIMEO: a stall still ends at read_timeout."""
+
+    def stall(sock: socket.socket, server: FaultServer) -> None:
+        read_request(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        server.stopping.wait(5)
+
+    pool = ConnectionPool(per_host=1, num_pools=1, insecure=False)
+    with FaultServer(stall) as server:
+        request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+        response_ = pool.request(
+            ("http", "127.0.0.1", server.port, "127.0.0.1"),
+            request,
+            connect_timeout=1.0,
+            read_timeout=0.3,
+            header_budget=65536,
+        )
+        assert response_.read1(100) == b"ab"
+        started = time.monotonic()
+        with pytest.raises(WireError) as info:
+            response_.read1(100)
+        waited = time.monotonic() - started
+        response_.close()
+    pool.clear()
+    assert info.value.code is ErrorCode.READ_TIMEOUT
+    assert 0.2 < waited < 3.0
