@@ -268,7 +268,12 @@ def test_a_dead_fetch_worker_costs_only_its_items(tmp_path: Path) -> None:
             def on_event(self, event: object) -> None:
                 if killed:
                     return
-                children = multiprocessing.active_children()
+                # Only a fetch worker: another test's child may still be exiting.
+                children = [
+                    child
+                    for child in multiprocessing.active_children()
+                    if child.name.startswith("fetchpool-fetch-")
+                ]
                 if children:
                     pid = children[0].pid
                     assert pid is not None

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from urllib3.util import parse_url
 
 from fetchpool.errors import ConfigError, InputError
 from fetchpool.inputs import (
@@ -27,6 +28,7 @@ from fetchpool.inputs import (
 )
 from fetchpool.inputs import urls as urls_module
 from fetchpool.models import BadInput, ErrorCode, Job
+from fetchpool.plainurl import split_plain
 
 
 def items(*args: Any, **kwargs: Any) -> list[Job | BadInput]:
@@ -103,7 +105,7 @@ def test_invalid_urls(url: str, code: ErrorCode) -> None:
 def _full_path(url: str) -> str | ErrorCode:
     """What validate_url answers with its one-regex fast path switched off."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(urls_module, "_is_plain", lambda _url: False)
+        patch.setattr(urls_module, "split_plain", lambda _url: None)
         try:
             return validate_url(url)
         except InvalidURLError as exc:
@@ -113,7 +115,8 @@ def _full_path(url: str) -> str | ErrorCode:
 _URL_PIECES = st.sampled_from(
     ["http", "https", "HTTP", "://", ":", "/", "//", "?", "#", "@", "[", "]", "\\", "%", "-",
      ".", "a", "Z", "0", "9", "80", "65535", "65536", "00", "example.com", "127.0.0.1", " ",
-     "\t", "\x00", "\x7f", "\u00fc", "~", "!", "'", "<", "^", "`", "{", "|"]
+     "\t", "\x00", "\x7f", "\u00fc", "~", "!", "'", "<", "^", "`", "{", "|", "%2F", "%2f",
+     "%4", "/.", "/..", "./", "&", "=", "$", "(", "*", ",", ";", "+"]
 )  # fmt: skip
 
 
@@ -122,8 +125,16 @@ _URL_PIECES = st.sampled_from(
 def test_fast_path_agrees_with_full_validation(prefix: str, pieces: list[str]) -> None:
     """Whatever the fast path accepts, the full checks accept too, unchanged."""
     url = prefix + "".join(pieces)
-    if urls_module._is_plain(url):
+    plain = split_plain(url)
+    if plain is not None:
         assert _full_path(url) == url
+        parsed = parse_url(url)  # the fetcher's general parser splits it the same way
+        assert (plain.scheme, plain.host, plain.port, plain.request_uri) == (
+            parsed.scheme,
+            parsed.host,
+            parsed.port,
+            parsed.request_uri,
+        )
 
 
 @pytest.mark.parametrize(
@@ -132,7 +143,7 @@ def test_fast_path_agrees_with_full_validation(prefix: str, pieces: list[str]) -
      "http://127.0.0.1:18431/lat0/photo/00001.jpg"],
 )  # fmt: skip
 def test_common_urls_take_the_fast_path(url: str) -> None:
-    assert urls_module._is_plain(url)
+    assert split_plain(url) is not None
     assert validate_url(url) == url == _full_path(url)
 
 

@@ -308,7 +308,9 @@ def test_a_journal_that_cannot_grow_stops_the_run_as_disk_full(
         def __init__(self, conn: sqlite3.Connection) -> None:
             self._conn = conn
 
-        def executemany(self, *args: object) -> None:
+        def execute(self, sql: str, *args: object) -> object:
+            if not sql.startswith("INSERT INTO records"):
+                return self._conn.execute(sql, *args)  # type: ignore[arg-type]
             exc = sqlite3.OperationalError("database or disk is full")
             exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
             raise exc

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import itertools
 import os
-import secrets
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +39,7 @@ _name_prefix = ""
 def _temp_name(directory: Path | str, suffix: str) -> str:
     global _name_prefix  # noqa: PLW0603 - the process's name source
     if not _name_prefix:  # two threads racing here draw two prefixes: still unique names
-        _name_prefix = secrets.token_hex(6)
+        _name_prefix = os.urandom(6).hex()
     return os.path.join(directory, f"{TEMP_PREFIX}{_name_prefix}{next(_NAMES):x}{suffix}")
 
 

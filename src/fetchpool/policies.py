@@ -21,7 +21,6 @@ Typical use by the scheduler (after each failed attempt)::
 
 from __future__ import annotations
 
-import email.utils
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC
@@ -126,6 +125,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     if _DELTA_SECONDS.fullmatch(text):
         return max(0.0, float(int(text)))
+    import email.utils  # an HTTP date: rare, and the module costs start-up time
+
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):

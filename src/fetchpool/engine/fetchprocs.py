@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -30,15 +29,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fetchpool.config import FetchConfig
 from fetchpool.engine.runner import Done
 from fetchpool.errors import DiskFullError, FetchpoolError
 from fetchpool.models import ErrorCode, Job, Record, Status, TaskRecord
 from fetchpool.stages import Fetcher, Writer
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger("fetchpool")
 
@@ -143,6 +144,8 @@ class ProcessFetchPool:
     ) -> None:
         per_worker = -(-spec.fetch.threads // processes)  # ceil: the budget is shared out
         worker_spec = replace(spec, fetch=replace(spec.fetch, threads=per_worker))
+        import multiprocessing  # only when worker processes are asked for
+
         context = multiprocessing.get_context("spawn")
         self._on_done = on_done
         self._lock = threading.Lock()

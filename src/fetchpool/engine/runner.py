@@ -17,14 +17,13 @@ and the lab (which measures :func:`run` against the threading notebook's claims)
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from queue import Empty, SimpleQueue
@@ -110,9 +109,14 @@ def _execute(
         remote_tb = traceback.format_exc() if remote else None
     end = clock()
     # In a worker process the thread is always MainThread; the process name says more.
-    proc = multiprocessing.current_process()
-    name = proc.name if remote else threading.current_thread().name
+    name = _process_name() if remote else threading.current_thread().name
     return _Outcome(start, end, os.getpid(), name, threading.get_ident(), value, error, remote_tb)
+
+
+def _process_name() -> str:
+    import multiprocessing  # loaded already in a worker process
+
+    return multiprocessing.current_process().name
 
 
 @dataclass(slots=True)
@@ -177,7 +181,11 @@ class TaskPool(Generic[T]):
         if self.mode == "threads":
             return ThreadPoolExecutor(self.workers, thread_name_prefix=name)
         if self.mode == "processes":
+            import multiprocessing  # not at import: thread-only runs never load it
+
             context = multiprocessing.get_context("spawn")
+            from concurrent.futures import ProcessPoolExecutor
+
             return ProcessPoolExecutor(self.workers, mp_context=context)
         return None
 

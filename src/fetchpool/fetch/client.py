@@ -30,9 +30,6 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
-from urllib3.exceptions import LocationValueError
-from urllib3.util import Url, parse_url
-
 from fetchpool import fsutil
 from fetchpool.config import FetchConfig
 from fetchpool.errors import DiskFullError, FetchError
@@ -41,6 +38,7 @@ from fetchpool.fetch.guard import AddressGuard
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
 from fetchpool.fetch.transport import Watch, Watchdog
 from fetchpool.models import ErrorCode, Job, Record, Status
+from fetchpool.plainurl import split_plain
 from fetchpool.policies import parse_retry_after
 from fetchpool.redact import redact_text, redact_url
 
@@ -468,10 +466,19 @@ _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 def _parse_target(url: str) -> _Target:
+    plain = split_plain(url)
+    if plain is not None:  # the common shape, split as parse_url would
+        default = 443 if plain.scheme == "https" else 80
+        return _Target(
+            url, plain.scheme, plain.host, plain.port or default, plain.request_uri, None
+        )
     if _SPACE_OR_CONTROL.search(url):
         raise FetchError(ErrorCode.INVALID_URL, "URL contains spaces or control bytes")
+    from urllib3.exceptions import LocationValueError  # the general parser, for the rest
+    from urllib3.util import parse_url
+
     try:
-        parsed: Url = parse_url(url)
+        parsed = parse_url(url)
     except LocationValueError as exc:
         raise FetchError(ErrorCode.INVALID_URL, f"cannot parse URL: {_describe(exc)}") from exc
     scheme = (parsed.scheme or "").lower()

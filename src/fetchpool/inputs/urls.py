@@ -11,11 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from urllib3.exceptions import LocationParseError
-from urllib3.util import parse_url
-
 from fetchpool.errors import ItemError
 from fetchpool.models import ErrorCode
+from fetchpool.plainurl import split_plain
 from fetchpool.redact import redact_url
 
 MAX_URL_LENGTH = 8192
@@ -143,22 +141,6 @@ def _punycode_host(url: str, authority: str, hostport: str) -> str:
     return f"{url[:start]}{userinfo}{ascii_host}{colon}{port}{url[start + len(authority) :]}"
 
 
-# The shape of nearly every URL in a real list: http(s), an ASCII host name or IPv4 address,
-# an optional port, then printable ASCII. Such a URL passes every check below, so it is
-# accepted after one regex match (validation runs on the run loop's thread, once per item);
-# anything else takes the full path, which words the error. tests/test_inputs.py checks
-# that both paths agree.
-_PLAIN = re.compile(r"https?://[A-Za-z0-9][A-Za-z0-9.\-]*(?::([0-9]{1,5}))?(?:[/?#][!-~]*)?")
-
-
-def _is_plain(url: str) -> bool:
-    match = _PLAIN.fullmatch(url)
-    if match is None or "\\" in url:
-        return False
-    port = match.group(1)
-    return port is None or 1 <= int(port) <= 65535
-
-
 def validate_url(raw: str) -> str:
     """Return ``raw`` stripped of surrounding whitespace if it is a fetchable http(s) URL.
 
@@ -174,7 +156,7 @@ def validate_url(raw: str) -> str:
             ErrorCode.INVALID_URL,
             f"URL is {len(url)} characters long (limit {MAX_URL_LENGTH}): {preview(url)}",
         )
-    if _is_plain(url):
+    if split_plain(url) is not None:  # the common shape: valid, and no general parse needed
         return url
     _check_characters(url)
     rest = _check_scheme(url)
@@ -183,6 +165,9 @@ def validate_url(raw: str) -> str:
     _check_host(url, hostport)
     if not hostport.isascii():
         url = _punycode_host(url, authority, hostport)
+    from urllib3.exceptions import LocationParseError  # only for URLs of unusual shape
+    from urllib3.util import parse_url
+
     try:
         # Our own checks came first for clear messages; urllib3 must agree, because it is
         # the parser the fetcher uses.

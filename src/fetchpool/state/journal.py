@@ -385,7 +385,7 @@ class Journal:
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany(schema.UPSERT, rows)
+                _upsert(self._conn, rows)
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
                 raise DiskFullError(f"cannot write the journal: {exc}") from exc
@@ -458,3 +458,16 @@ def _start_run(conn: sqlite3.Connection, argv: list[str]) -> int:
         raise StateError(f"cannot write the journal: {exc}") from exc
     assert cursor.lastrowid is not None
     return cursor.lastrowid
+
+
+def _upsert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert or replace ``rows`` (distinct positions) in few statements."""
+    size = schema.UPSERT_ROWS
+    full = len(rows) - len(rows) % size
+    if full:
+        sql = schema.upsert_many(size)
+        for start in range(0, full, size):
+            conn.execute(sql, [value for row in rows[start : start + size] for value in row])
+    if full < len(rows):
+        rest = rows[full:]
+        conn.execute(schema.upsert_many(len(rest)), [value for row in rest for value in row])
