@@ -25,13 +25,17 @@ import collections
 import contextlib
 import select
 import socket
-import ssl
 import struct
+import sys
 import threading
+from typing import TYPE_CHECKING
 
 from fetchpool.errors import FetchError
 from fetchpool.fetch import transport
 from fetchpool.models import ErrorCode
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["Connection", "ConnectionPool", "Response", "WireError", "tls_context"]
 
@@ -65,10 +69,26 @@ def _read_timeout() -> WireError:
     return WireError(ErrorCode.READ_TIMEOUT, "read timed out")
 
 
+def _is_tls_error(exc: OSError) -> bool:
+    # ssl.SSLError subclasses OSError; without ssl loaded no TLS connection exists to raise it.
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLError)
+
+
+def _tls_error(exc: OSError) -> WireError:
+    return WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}")
+
+
 def tls_context(*, insecure: bool) -> ssl.SSLContext:
     """The TLS settings of every HTTPS connection: system trust store (``SSL_CERT_FILE`` and
     ``SSL_CERT_DIR`` honoured), name checked, TLS ≥ 1.2, ALPN ``http/1.1``; ``insecure``
-    skips the certificate and name checks (``--insecure``)."""
+    skips the certificate and name checks (``--insecure``).
+
+    ``ssl`` is imported here, at the first HTTPS connection: it costs ~10 ms of start-up
+    (OpenSSL's libssl) that a plain-HTTP run never needs.
+    """
+    import ssl
+
     context = ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
@@ -95,7 +115,7 @@ class Connection:
         self.key = key
         self.buffer = b""
         self.reused = False
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = key[0] == "https"
         self.timeout = -1.0
         if not self.tls:
             sock.settimeout(None)
@@ -133,9 +153,9 @@ class Connection:
             return self.sock.recv(size)
         except (TimeoutError, BlockingIOError):
             raise _read_timeout() from None
-        except ssl.SSLError as exc:
-            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
         except OSError as exc:
+            if _is_tls_error(exc):
+                raise _tls_error(exc) from exc
             raise _protocol_error(f"connection broken: {exc}") from exc
 
     def exchange(self, request: bytes, timeout: float, header_budget: int) -> Response:
@@ -146,9 +166,9 @@ class Connection:
             self.sock.sendall(request)
         except (TimeoutError, BlockingIOError):
             raise WireError(ErrorCode.READ_TIMEOUT, "write timed out") from None
-        except ssl.SSLError as exc:
-            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
         except OSError as exc:
+            if _is_tls_error(exc):
+                raise _tls_error(exc) from exc
             if self.reused:
                 raise _Stale from exc
             raise _protocol_error(f"connection aborted: {exc}") from exc
@@ -178,9 +198,9 @@ class Connection:
                 chunk = self.sock.recv(min(HEAD_READ, budget + 1 - len(data)))
             except (TimeoutError, BlockingIOError):
                 raise _read_timeout() from None
-            except ssl.SSLError as exc:
-                raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
             except OSError as exc:
+                if _is_tls_error(exc):
+                    raise _tls_error(exc) from exc
                 if first and not data and self.reused:
                     raise _Stale from exc
                 raise _protocol_error(f"connection broken: {exc}") from exc
@@ -477,12 +497,14 @@ class ConnectionPool:
         return Connection(sock, key, timeout)
 
     def _handshake(self, sock: socket.socket, host: str, timeout: float) -> socket.socket:
+        import ssl
+
         try:
             context = self._tls_context()
             return context.wrap_socket(sock, server_hostname=host.strip("[]"))
         except (ssl.SSLCertVerificationError, ssl.CertificateError) as exc:
             sock.close()
-            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+            raise _tls_error(exc) from exc
         except (ssl.SSLEOFError, ConnectionError) as exc:
             # A peer that drops the connection during the handshake is a connect failure
             # (transient, retried), not a certificate problem.
@@ -497,7 +519,7 @@ class ConnectionPool:
             ) from None
         except ssl.SSLError as exc:
             sock.close()
-            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
+            raise _tls_error(exc) from exc
         except OSError as exc:
             sock.close()
             raise WireError(
