@@ -286,3 +286,29 @@ def test_a_dead_fetch_worker_costs_only_its_items(tmp_path: Path) -> None:
     assert report.items == 40
     assert report.ok >= 20  # the surviving worker carried on
     assert set(report.errors) <= {"internal_error"}
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_each_published_file_is_fsynced_once_and_shard_inputs_never(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Files output: the fetch thread fsyncs the body it wrote, and the writer does not fsync
+    it again. Shards: the temp files are read into the shard, never fsynced themselves."""
+    import stat
+
+    real_fsync = os.fsync
+    regular: list[int] = []
+
+    def counting_fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            regular.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    urls = [origin.image_url(n) for n in range(10)]
+    report = download(urls, tmp_path / "out", threads=4, format=fmt, **LOOPBACK)
+    assert report.ok == 10
+    if fmt == "files":
+        assert len(regular) == 10
+    else:  # the shard itself is fsynced when it is closed
+        assert 1 <= len(regular) < 10

@@ -143,6 +143,8 @@ class Record:
     extension: str | None = None
     # Transient: seconds the server asked us to wait (Retry-After), for the retry scheduler.
     retry_after: float | None = None
+    # Transient: temp_path's bytes were fsynced by whoever wrote them (the writer then skips it).
+    temp_synced: bool = False
 
     @property
     def ok(self) -> bool:

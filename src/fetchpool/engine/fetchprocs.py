@@ -91,7 +91,7 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
     from fetchpool.fetch import HttpFetcher
     from fetchpool.outputs.files import FilesWriter
 
-    fetcher = HttpFetcher(spec.fetch, Path(spec.tmp_dir))
+    fetcher = HttpFetcher(spec.fetch, Path(spec.tmp_dir), sync_temp=spec.publish_to is not None)
     writer = (
         FilesWriter(Path(spec.publish_to), sidecar=spec.sidecar)
         if spec.publish_to is not None

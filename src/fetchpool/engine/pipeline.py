@@ -517,7 +517,7 @@ class Pipeline:
         guard = AddressGuard(
             allow_private_networks=fetch.allow_private_networks, allow_cidrs=fetch.allow_cidrs
         )
-        return HttpFetcher(fetch, tmp_dir, guard=guard)
+        return HttpFetcher(fetch, tmp_dir, guard=guard, sync_temp=self._publish_in_fetch)
 
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer

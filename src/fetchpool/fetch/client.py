@@ -139,6 +139,9 @@ class HttpFetcher:
 
     ``tmp_dir`` receives the temp files (same filesystem as the output). ``guard`` defaults to
     one built from ``config``; ``clock`` is the monotonic clock used for deadlines and speed.
+    ``sync_temp``: fsync each body before closing it (``record.temp_synced``), for a writer
+    that names the temp file as it is: one fsync on the open file instead of the writer's
+    open, fsync, close later.
     """
 
     def __init__(
@@ -148,8 +151,10 @@ class HttpFetcher:
         *,
         guard: AddressGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sync_temp: bool = False,
     ) -> None:
         self._config = config
+        self._sync_temp = sync_temp
         self._tmp_dir = Path(tmp_dir)
         self._guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
         self._clock = clock
@@ -340,13 +345,22 @@ class HttpFetcher:
                 os.close(fd)
             fsutil.discard(path)
             raise
-        # Not fsynced here: the writer does it before naming the file (a shard writer never
-        # needs this temp file on disk at all).
+        # fsynced here only when asked: otherwise the writer does it before naming the file
+        # (a shard writer never needs this temp file on disk at all).
         try:
-            _local_io(os.close, fd)
+            if self._sync_temp:
+                _local_io(os.fsync, fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            fsutil.discard(path)
+            raise
+        try:
+            _local_io(os.close, fd)  # the descriptor is released even when close fails
         except BaseException:
             fsutil.discard(path)
             raise
+        record.temp_synced = self._sync_temp
         record.temp_path = path
         record.bytes = size
         record.sha256 = digest

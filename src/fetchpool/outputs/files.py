@@ -91,7 +91,9 @@ class FilesWriter:
         if temp is None:
             return [record]
         try:
-            name = self._publish(temp, file_name(record.url, record.extension))
+            name = self._publish(
+                temp, file_name(record.url, record.extension), synced=record.temp_synced
+            )
             if name is not None:
                 record.temp_path = None  # linked to its name, or adopted and discarded
             if name is None:
@@ -127,9 +129,10 @@ class FilesWriter:
         record.path = None
         record.fail(ErrorCode.IO_ERROR, str(exc))
 
-    def _publish(self, temp: str, name: str) -> str | None:
+    def _publish(self, temp: str, name: str, *, synced: bool = False) -> str | None:
         """Give ``temp`` the first free (or identical) variant of ``name``; return it."""
-        fsutil.sync_file(temp)  # its bytes are on disk before it has a final name
+        if not synced:
+            fsutil.sync_file(temp)  # its bytes are on disk before it has a final name
         for counter in range(1, MAX_VARIANTS + 1):
             candidate = name if counter == 1 else with_counter(name, counter)
             final = str(self.out / candidate)
