@@ -104,6 +104,7 @@ def main(argv: list[str]) -> int:
     else:
         peers_py = env.peers_python() if env.peers_python().exists() else None
     env.raise_nofile_limit()
+    env.ensure_bytecode()
     not_ready = fetchpool_ready()
     if not_ready:
         log(f"fetchpool is not ready ({not_ready}): its runs will be reported as failed")
