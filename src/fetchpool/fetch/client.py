@@ -193,11 +193,10 @@ class HttpFetcher:
 
     def _follow(self, record: Record, attempt: _Attempt) -> None:
         url = record.url
-        first = _parse_target(url)
-        headers = self._initial_headers(first) if first.auth else self._base_headers
+        target = _parse_target(url)
+        headers = self._initial_headers(target) if target.auth else self._base_headers
         seen = {url}
         while True:
-            target = _parse_target(url)
             response = self._open(target, headers, attempt)
             location = _redirect_location(response)
             if location is None:
@@ -215,9 +214,10 @@ class HttpFetcher:
                     http_status=response.status,
                 )
             seen.add(next_url)
-            if _parse_target(next_url).origin != target.origin:
+            next_target = _parse_target(next_url)
+            if next_target.origin != target.origin:
                 headers = _without_credentials(headers)
-            url = next_url
+            url, target = next_url, next_target
 
     def _initial_headers(self, target: _Target | None) -> _Headers:
         headers: _Headers = {}

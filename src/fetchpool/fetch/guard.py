@@ -11,6 +11,7 @@ legacy IPv4 spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``), so both are 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -75,8 +76,12 @@ def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_literal(host: str) -> Address | None:
-    """The address a literal host denotes, in any spelling the OS accepts; None for a name."""
+    """The address a literal host denotes, in any spelling the OS accepts; None for a name.
+
+    Cached: it runs for every request, and addresses are immutable values.
+    """
     text = host.strip("[]").rstrip(".")
     text = text.split("%", 1)[0]  # an IPv6 zone id does not change which address it is
     try:
