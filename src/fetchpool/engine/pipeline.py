@@ -139,6 +139,9 @@ class _FetchPool(Protocol):
 
     def submit(self, job: Job, label: str = "") -> int: ...
 
+    def flush(self) -> None:
+        """Start what was submitted, if ``submit`` only queued it."""
+
     def shutdown(self, *, cancel: bool = False) -> None: ...
 
 
@@ -153,6 +156,9 @@ class _ThreadFetchPool:
 
     def submit(self, job: Job, label: str = "") -> int:
         return self._pool.submit(self._attempt, job, label=label)
+
+    def flush(self) -> None:
+        """Nothing to do: a thread starts on its job when it is submitted."""
 
     def shutdown(self, *, cancel: bool = False) -> None:
         self._pool.shutdown(cancel=cancel)
@@ -358,6 +364,7 @@ class Pipeline:
         for _, entry in self._scheduler.take(time.monotonic(), budget):
             entry.attempts += 1
             self._pool.submit(entry.job, entry.host)
+        self._pool.flush()
 
     def _make_fetch_pool(self) -> _FetchPool:
         """Fetch threads in this process, or in ``fetch_processes`` worker processes."""
