@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import re
 import select
 import socket
 import struct
@@ -48,6 +49,7 @@ MAX_CHUNK_LINE = 4096
 SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 Key = tuple[str, str, int, str]  # (scheme, host lowercased, port, pinned address)
@@ -184,13 +186,11 @@ class Connection:
         data = self.buffer
         first = not data
         while True:
-            end = data.find(b"\r\n\r\n")
-            if end != -1:
-                cut = end + 4
-                break
-            end = data.find(b"\n\n")  # bare LF line ends (tolerated, as http.client does)
-            if end != -1:
-                cut = end + 2
+            # The first empty line ends the head; bare LF line ends are tolerated, as
+            # http.client does (its readline() takes "\n" and "\r\n" alike).
+            blank = _BLANK_LINE.search(data)
+            if blank is not None:
+                end, cut = blank.start(), blank.end()
                 break
             if len(data) > budget:
                 raise _protocol_error("response headers exceed the size limit")
