@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fetchpool.config import FetchConfig
+from fetchpool.errors import ConfigError
 from fetchpool.fetch import HttpFetcher
-from fetchpool.fetch.http11 import ConnectionPool, WireError
+from fetchpool.fetch.http11 import Connection, ConnectionPool, WireError
+from fetchpool.fetch.transport import Watchdog, attach_current, detach_current
 from fetchpool.models import ErrorCode, Job, Record
-from socketserver_faults import FaultServer, read_request, response
+from reliability_helpers import make_cert
+from socketserver_faults import FaultServer, read_request, response, serve_forever_keepalive
 
 CONFIG = FetchConfig(
     allow_private_networks=True,
@@ -188,3 +193,159 @@ def test_read_timeout_is_enforced_by_the_kernel_timeout() -> None:
     pool.clear()
     assert info.value.code is ErrorCode.READ_TIMEOUT
     assert 0.2 < waited < 3.0
+
+
+# -- review fixes: TLS deadlines and leftovers, request splitting, framing, CPU -----------------
+
+
+@pytest.fixture(scope="module")
+def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    cert, key = make_cert(
+        tmp_path_factory.mktemp("tls"), "self", cn="127.0.0.1", san="IP:127.0.0.1"
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def test_total_timeout_stops_a_trickling_https_server(
+    tmp_path: Path, tls_server_context: ssl.SSLContext
+) -> None:
+    """The watchdog holds the TLS socket itself (wrap_socket detaches the TCP one), so a
+    server sending one header byte per read timeout is cut at total_timeout."""
+
+    def trickle(sock: socket.socket, server: FaultServer) -> None:
+        read_request(sock)
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+            if server.stopping.wait(0.3):
+                return
+            sock.sendall(bytes([byte]))
+
+    config = replace(CONFIG, insecure=True, read_timeout=1.0, total_timeout=1.5)
+    fetcher = HttpFetcher(config, tmp_path)
+    try:
+        with FaultServer(trickle, tls=tls_server_context) as server:
+            started = time.monotonic()
+            record = fetcher.fetch(Job(position=0, url=server.url("/slow")))
+            waited = time.monotonic() - started
+    finally:
+        fetcher.close()
+    assert record.error_code is ErrorCode.TOTAL_TIMEOUT, (record.error_code, record.error_message)
+    assert waited < 6.0
+
+
+def test_tls_bytes_after_the_body_are_never_read_as_the_next_answer(
+    tmp_path: Path, tls_server_context: ssl.SSLContext
+) -> None:
+    """OpenSSL keeps decrypted bytes that poll() cannot see: a stray CRLF after a body (a
+    common server bug) must not become the next request's status line."""
+    stray = response(200, b"x" * 50_000) + b"\r\n"
+
+    def serve(sock: socket.socket, server: FaultServer) -> None:
+        while read_request(sock):
+            sock.sendall(stray)
+
+    fetcher = HttpFetcher(replace(CONFIG, insecure=True), tmp_path)
+    try:
+        with FaultServer(serve, tls=tls_server_context) as server:
+            records = [fetcher.fetch(Job(position=n, url=server.url(f"/{n}"))) for n in range(3)]
+    finally:
+        fetcher.close()
+    assert [r.error_code for r in records] == [None, None, None]
+    assert server.connections == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"user_agent": "ua\r\nX-Injected: 1"},
+        {"headers": (("X-A", "v\r\n\r\nGET /second HTTP/1.1"),)},
+        {"headers": (("X A", "v"),)},
+        {"headers": (("X-Nul", "a\x00b"),)},
+        {"accept_encoding": "identity\nX: 1"},
+        {"read_timeout": float("inf")},
+        {"total_timeout": 1e20},
+    ],
+)
+def test_config_that_could_split_a_request_or_overflow_a_timer_is_refused(
+    change: dict[str, object],
+) -> None:
+    with pytest.raises(ConfigError):
+        replace(CONFIG, **change)  # type: ignore[arg-type]
+
+
+def test_a_tab_and_latin1_in_a_header_value_are_allowed() -> None:
+    config = replace(CONFIG, headers=(("X-Note", "caf\u00e9\tok"),))
+    assert config.headers == (("X-Note", "caf\u00e9\tok"),)
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"5_0", b"+5", b" ", b"12345678901234567"])
+def test_chunk_sizes_that_int_would_accept_are_refused(fetcher: HttpFetcher, size: bytes) -> None:
+    payload = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nhello\r\n0\r\n\r\n"
+    )
+    with FaultServer(answering(payload)) as server:
+        record = fetch(fetcher, server)
+    assert record.error_code is ErrorCode.PROTOCOL_ERROR, record.error_message
+
+
+def test_an_error_answer_with_two_framings_does_not_keep_the_connection(
+    fetcher: HttpFetcher,
+) -> None:
+    both = b"HTTP/1.1 404 X\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+
+    def by_path(request: bytes) -> bytes:
+        return both if request.startswith(b"GET /1 ") else response(200, b"two")
+
+    with FaultServer(serve_forever_keepalive(by_path)) as server:
+        assert fetch(fetcher, server, "/1").http_status == 404
+        assert body_of(fetch(fetcher, server, "/2")) == b"two"  # answered on a new connection
+        assert server.connections == 2
+
+
+def test_a_pooled_connection_leaves_the_attempts_watch() -> None:
+    """After a redirect the first hop's connection is pooled while the attempt goes on: if
+    that attempt then expires, the connection (now another attempt's) must be left alone."""
+    ours, theirs = socket.socketpair()
+    try:
+        watchdog = Watchdog(time.monotonic)
+        with watchdog.watch(time.monotonic() + 60) as watch:
+            attach_current(ours)
+            detach_current(ours)
+            watch.expire()
+        watchdog.close()
+        theirs.sendall(b"still open")
+        assert ours.recv(100) == b"still open"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+class _TrickleSocket:
+    """A socket whose peer sends one byte per read (a unit-test stand-in for the wire)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._at = 0
+
+    def recv(self, size: int) -> bytes:
+        piece = self._data[self._at : self._at + 1]
+        self._at += 1
+        return piece
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+
+def test_a_head_arriving_byte_by_byte_costs_linear_time() -> None:
+    """Each read searches only the new bytes: a 60 KB head in 1-byte reads must not cost
+    seconds of CPU (it did, 18 s, when every read rescanned and copied the whole head)."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 60_000 + b"\r\nContent-Length: 0\r\n\r\n"
+    conn = Connection(_TrickleSocket(head), ("http", "h", 80, "127.0.0.1"), 1.0)  # type: ignore[arg-type]
+    started = time.thread_time()
+    status, *_ = conn._read_head(64 * 1024)
+    assert status == 200
+    assert time.thread_time() - started < 2.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -26,6 +27,30 @@ OutputFormat = Literal["files", "webdataset", "parquet"]
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+#: Longest accepted timeout (a year): sockets and the kernel's timeval need finite values.
+MAX_TIMEOUT = 365 * 86400.0
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field names
+_FIELD_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no controls but HTAB
+
+
+def _check_header(name: str, value: str) -> None:
+    """Request header fields are sent as given: a CR or LF in them would split the request."""
+    _check(bool(_TOKEN.fullmatch(name)), f"header name {name[:40]!r} is not an HTTP token")
+    _check(
+        bool(_FIELD_VALUE.fullmatch(value)) and _is_latin1(value),
+        f"header {name[:40]}: the value has control characters (CR, LF, NUL...) or characters"
+        " outside Latin-1",
+    )
+
+
+def _is_latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +87,7 @@ class FetchConfig:
             "fetch_processes must be between 1 and min(64, threads)",
         )
         for name in ("connect_timeout", "read_timeout", "total_timeout"):
-            _check(getattr(self, name) > 0, f"{name} must be > 0")
+            _check(0 < getattr(self, name) <= MAX_TIMEOUT, f"{name} must be > 0 and at most a year")
         _check(self.min_speed >= 0, "min_speed must be >= 0")
         _check(self.min_speed_window > 0, "min_speed_window must be > 0")
         _check(self.max_bytes > 0, "max_bytes must be > 0")
@@ -79,6 +104,12 @@ class FetchConfig:
                 raise ConfigError(f"--allow-cidr {cidr!r} is not a CIDR network") from exc
         if not self.user_agent:
             object.__setattr__(self, "user_agent", f"fetchpool/{__version__}")
+        for name, value in (
+            ("User-Agent", self.user_agent),
+            ("Accept-Encoding", self.accept_encoding),
+            *self.headers,
+        ):
+            _check_header(name, value)
 
 
 @dataclass(frozen=True, slots=True)

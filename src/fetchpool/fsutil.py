@@ -43,13 +43,14 @@ def _temp_name(directory: Path | str, suffix: str) -> str:
     return os.path.join(directory, f"{TEMP_PREFIX}{_name_prefix}{next(_NAMES):x}{suffix}")
 
 
-def _reset_names_in_child() -> None:
-    # A forked child must not reuse its parent's names (it would only retry, but needlessly).
+def _new_name_prefix() -> None:
+    # A forked child must not reuse its parent's names (it would only retry, but needlessly);
+    # a name found taken also draws a new random part, so planted names cannot follow it.
     global _name_prefix  # noqa: PLW0603
     _name_prefix = ""
 
 
-os.register_at_fork(after_in_child=_reset_names_in_child)
+os.register_at_fork(after_in_child=_new_name_prefix)
 
 
 def create_temp_fd(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
@@ -61,6 +62,7 @@ def create_temp_fd(directory: Path | str, suffix: str = TEMP_SUFFIX) -> tuple[in
         try:
             fd = os.open(path, _CREATE_FLAGS | _CLOEXEC, 0o644)
         except FileExistsError:
+            _new_name_prefix()  # someone guessed the names: draw a new random part
             continue
         except OSError as exc:
             raise translate_os_error(exc, f"cannot create a temp file in {directory}") from exc

@@ -96,6 +96,9 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """A fetch worker: fetch jobs from ``conn`` on ``spec.fetch.threads`` threads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from fetchpool.fetch import HttpFetcher
+    from fetchpool.heap import keep_heap_trimmed
+
+    keep_heap_trimmed()
     from fetchpool.outputs.files import FilesWriter
 
     fetcher = HttpFetcher(spec.fetch, Path(spec.tmp_dir), sync_temp=spec.publish_to is not None)
@@ -148,14 +151,17 @@ class _Outbox:
             if self._sending:
                 return  # the sending thread takes it along
             self._sending = True
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    batch, self._items = self._items, []
+                    if not batch:
+                        return
+                with contextlib.suppress(OSError):  # the parent is gone: nothing to tell
+                    self._conn.send(batch)  # one sender at a time: the one that set _sending
+        finally:
             with self._lock:
-                batch, self._items = self._items, []
-                if not batch:
-                    self._sending = False
-                    return
-            with contextlib.suppress(OSError):  # the parent is gone: nothing to tell
-                self._conn.send(batch)  # one sender at a time: the one that set _sending
+                self._sending = False
 
 
 class _Worker:

@@ -50,6 +50,10 @@ SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: The longest timeout a socket is given (about a year): config values are checked against
+#: it too, since the kernel's timeval and Python's timeouts have finite ranges.
+MAX_TIMEOUT = 365 * 86400.0
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 Key = tuple[str, str, int, str]  # (scheme, host lowercased, port, pinned address)
@@ -125,7 +129,7 @@ class Connection:
 
     def set_timeout(self, seconds: float) -> None:
         """Bound each blocking read and write by ``seconds`` (no syscall when unchanged)."""
-        seconds = max(seconds, 0.001)  # a zero timeval would mean "wait forever"
+        seconds = min(max(seconds, 0.001), MAX_TIMEOUT)  # a zero timeval means "forever"
         if seconds == self.timeout:
             return
         self.timeout = seconds
@@ -142,7 +146,10 @@ class Connection:
             self.sock.close()
 
     def dropped(self) -> bool:
-        """True when an idle connection is readable: the server closed it (or misbehaves)."""
+        """True when an idle connection has something to read: the server closed it, or
+        sent bytes nobody asked for (which must never be read as the next answer)."""
+        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
+            return True  # decrypted bytes that OpenSSL holds, invisible to poll()
         try:
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
@@ -151,6 +158,7 @@ class Connection:
             return True
 
     def recv(self, size: int) -> bytes:
+        """At most ``size`` bytes (one read); ``b""`` at the end of the stream."""
         try:
             return self.sock.recv(size)
         except (TimeoutError, BlockingIOError):
@@ -169,10 +177,10 @@ class Connection:
         except (TimeoutError, BlockingIOError):
             raise WireError(ErrorCode.READ_TIMEOUT, "write timed out") from None
         except OSError as exc:
+            if self.reused:  # closed (or its TLS session ended) while it sat in the pool
+                raise _Stale from exc
             if _is_tls_error(exc):
                 raise _tls_error(exc) from exc
-            if self.reused:
-                raise _Stale from exc
             raise _protocol_error(f"connection aborted: {exc}") from exc
         budget = header_budget
         while True:
@@ -183,27 +191,25 @@ class Connection:
             return Response(self, status, reason, version, headers)
 
     def _read_head(self, budget: int) -> tuple[int, int, dict[str, str], int, str]:
-        data = self.buffer
+        data = bytearray(self.buffer)
         first = not data
+        searched = 0  # the blank line is looked for in new bytes only (and 3 before them)
         while True:
             # The first empty line ends the head; bare LF line ends are tolerated, as
             # http.client does (its readline() takes "\n" and "\r\n" alike).
-            blank = _BLANK_LINE.search(data)
+            blank = _BLANK_LINE.search(data, max(0, searched - 3))
             if blank is not None:
                 end, cut = blank.start(), blank.end()
                 break
+            searched = len(data)
             if len(data) > budget:
                 raise _protocol_error("response headers exceed the size limit")
             try:
-                chunk = self.sock.recv(min(HEAD_READ, budget + 1 - len(data)))
-            except (TimeoutError, BlockingIOError):
-                raise _read_timeout() from None
-            except OSError as exc:
-                if _is_tls_error(exc):
-                    raise _tls_error(exc) from exc
-                if first and not data and self.reused:
+                chunk = self.recv(min(HEAD_READ, budget + 1 - len(data)))
+            except WireError as exc:
+                if first and not data and self.reused and exc.code is not ErrorCode.READ_TIMEOUT:
                     raise _Stale from exc
-                raise _protocol_error(f"connection broken: {exc}") from exc
+                raise
             if not chunk:
                 if first and not data and self.reused:
                     raise _Stale
@@ -212,8 +218,8 @@ class Connection:
             data += chunk
         if cut > budget:
             raise _protocol_error("response headers exceed the size limit")
-        self.buffer = data[cut:]
-        status, version, reason, headers = _parse_head(data[:end])
+        self.buffer = bytes(data[cut:])
+        status, version, reason, headers = _parse_head(bytes(data[:end]))
         return status, cut, headers, version, reason
 
 
@@ -291,6 +297,8 @@ class Response:
         self._left: int | None = None
         self._done = False
         encoding = headers.get("transfer-encoding")
+        if encoding is not None and "content-length" in headers:
+            self._keep = False  # ambiguous framing (RFC 9112 6.3): never reuse the connection
         if status in _NO_BODY_STATUSES:
             self._left = 0
         elif encoding is not None:
@@ -353,12 +361,9 @@ class Response:
                 raise _protocol_error("chunk not followed by CRLF")
             line = self._line(conn, MAX_CHUNK_LINE)
             text = line.split(b";", 1)[0].strip()
-            try:
-                chunk = int(text, 16)
-                if not text or text[0:1] in b"+-" or chunk < 0:
-                    raise ValueError
-            except ValueError:
-                raise _protocol_error(f"invalid chunk size {text[:20]!r}") from None
+            if not _CHUNK_SIZE.fullmatch(text):
+                raise _protocol_error(f"invalid chunk size {text[:20]!r}")
+            chunk = int(text, 16)
             if chunk == 0:
                 self._trailers(conn)
                 self._done = True
@@ -372,11 +377,13 @@ class Response:
         return data
 
     def _line(self, conn: Connection, limit: int) -> bytes:
+        searched = 0
         while True:
-            end = conn.buffer.find(b"\n")
+            end = conn.buffer.find(b"\n", searched)
             if end != -1:
                 line, conn.buffer = conn.buffer[: end + 1], conn.buffer[end + 1 :]
                 return line
+            searched = len(conn.buffer)
             if len(conn.buffer) > limit:
                 raise _protocol_error("chunk framing line too long")
             more = conn.recv(HEAD_READ)
@@ -401,7 +408,12 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._done and self._keep and not conn.buffer and self._pool is not None:
+        reusable = self._done and self._keep and not conn.buffer and self._pool is not None
+        if reusable and conn.tls and conn.sock.pending():  # type: ignore[attr-defined]
+            reusable = False  # bytes past the body, already decrypted by OpenSSL
+        if reusable and self._pool is not None:
+            # This attempt's deadline must not reach the connection once another uses it.
+            transport.detach_current(conn.sock)
             self._pool.put(conn)
         else:
             conn.close()
@@ -501,30 +513,41 @@ class ConnectionPool:
 
         try:
             context = self._tls_context()
-            return context.wrap_socket(sock, server_hostname=host.strip("[]"))
-        except (ssl.SSLCertVerificationError, ssl.CertificateError) as exc:
+            tls = context.wrap_socket(
+                sock, server_hostname=host.strip("[]"), do_handshake_on_connect=False
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
             sock.close()
+            raise _tls_error(OSError(str(exc))) from exc
+        # wrap_socket took the descriptor over (``sock`` is detached now): the attempt's
+        # watchdog must hold the TLS socket, or it could not stop a trickling server.
+        transport.attach_current(tls)
+        try:
+            tls.do_handshake()
+        except (ssl.SSLCertVerificationError, ssl.CertificateError) as exc:
+            tls.close()
             raise _tls_error(exc) from exc
         except (ssl.SSLEOFError, ConnectionError) as exc:
             # A peer that drops the connection during the handshake is a connect failure
             # (transient, retried), not a certificate problem.
-            sock.close()
+            tls.close()
             raise WireError(
                 ErrorCode.CONNECT_ERROR, f"cannot connect: TLS handshake with {host} aborted: {exc}"
             ) from exc
         except TimeoutError:
-            sock.close()
+            tls.close()
             raise WireError(
                 ErrorCode.CONNECT_TIMEOUT, f"connect timed out: TLS handshake with {host}"
             ) from None
         except ssl.SSLError as exc:
-            sock.close()
+            tls.close()
             raise _tls_error(exc) from exc
         except OSError as exc:
-            sock.close()
+            tls.close()
             raise WireError(
                 ErrorCode.CONNECT_ERROR, f"cannot connect: TLS handshake with {host}: {exc}"
             ) from exc
+        return tls
 
     def _tls_context(self) -> ssl.SSLContext:
         # Built at first use, not at start: a plain-HTTP run never loads the trust store.

@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["Watch", "Watchdog", "attach_current", "open_socket"]
+__all__ = ["Watch", "Watchdog", "attach_current", "detach_current", "open_socket"]
 
 
 def open_socket(
@@ -60,6 +60,12 @@ class Watch:
             elif not self.done and sock not in self._sockets:
                 self._sockets.append(sock)
 
+    def detach(self, sock: socket.socket) -> None:
+        """Stop watching ``sock``: its connection goes back to the pool, to other attempts."""
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+
     def expire(self) -> None:
         with self._lock:
             if self.done:
@@ -89,9 +95,17 @@ _current = threading.local()
 
 
 def attach_current(sock: socket.socket | None) -> None:
+    """Put ``sock`` under the deadline of the attempt this thread is making."""
     watch: Watch | None = getattr(_current, "watch", None)
     if watch is not None and sock is not None:
         watch.attach(sock)
+
+
+def detach_current(sock: socket.socket) -> None:
+    """Take ``sock`` out of this thread's attempt (its connection returns to the pool)."""
+    watch: Watch | None = getattr(_current, "watch", None)
+    if watch is not None:
+        watch.detach(sock)
 
 
 class Watchdog:
@@ -101,9 +115,8 @@ class Watchdog:
     (in the TLS handshake, the headers or the body) would still hold a thread for hours. The
     watchdog shuts such sockets down at the deadline, which makes the blocked call return.
 
-    Known narrow window: a connection goes back to its pool when its body has been read, a
-    moment before the attempt's watch is finished; a deadline expiring exactly then shuts
-    down a pooled socket. The next user finds it dropped before reuse and opens another.
+    A connection leaves the attempt's watch when it goes back to the pool, so an attempt
+    that expires after a redirect never shuts down a connection another attempt now uses.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
