@@ -193,9 +193,11 @@ class Pipeline:
         self._events.put(("wake", None))
 
     def run(self, source: Source) -> Report:
+        from fetchpool.heap import keep_heap_trimmed
         from fetchpool.inputs import read_input
         from fetchpool.state.journal import Journal
 
+        keep_heap_trimmed()
         started = time.perf_counter()
         try:
             with Journal.open(self.out) as journal:
