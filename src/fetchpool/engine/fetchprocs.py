@@ -113,7 +113,8 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
     def work(task_id: int, job: Job) -> None:
         start = time.time()
         record = fetch_and_publish(fetcher, writer, job)
-        outbox.put((task_id, record, TaskRecord(task_id, start, time.time(), pid, _thread_name())))
+        thread = threading.current_thread().name
+        outbox.put((task_id, record, TaskRecord(task_id, start, time.time(), pid, thread)))
 
     with ThreadPoolExecutor(spec.fetch.threads, thread_name_prefix="fetch") as executor:
         while True:
@@ -126,10 +127,6 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
             for task_id, job in message:
                 executor.submit(work, task_id, job)
     fetcher.close()
-
-
-def _thread_name() -> str:
-    return threading.current_thread().name
 
 
 class _Outbox:

@@ -395,7 +395,8 @@ class HttpFetcher:
         self, response: Response, attempt: _Attempt, length: int | None, size: int
     ) -> bytes:
         left = attempt.ensure_time(self._config.total_timeout)
-        _set_read_timeout(response, min(self._config.read_timeout, left))
+        # Narrowed per read, so every blocking recv ends by the attempt's deadline.
+        response.set_timeout(min(self._config.read_timeout, left))
         try:
             # read1: return what has arrived (one recv at most) so that the deadline and
             # speed checks run between reads, even on a body that trickles in.
@@ -417,7 +418,7 @@ class HttpFetcher:
             budget = ERROR_BODY_LIMIT
             try:
                 while budget > 0 and not attempt.expired():
-                    _set_read_timeout(response, min(self._config.read_timeout, attempt.remaining()))
+                    response.set_timeout(min(self._config.read_timeout, attempt.remaining()))
                     chunk = response.read1(min(CHUNK_SIZE, budget))
                     if not chunk:
                         response.release()
@@ -536,12 +537,6 @@ def _request_bytes(target: _Target, headers: _Headers) -> bytes:
         raise FetchError(
             ErrorCode.INVALID_URL, "request has characters that HTTP/1.1 cannot carry"
         ) from None
-
-
-def _set_read_timeout(response: Response, seconds: float) -> None:
-    # The read timeout set when the request started; narrowing it per read makes every
-    # blocking recv end by the attempt's deadline (a no-op while the deadline is far).
-    response.set_timeout(seconds)
 
 
 def _local_io(operation: Callable[..., _T], *args: object) -> _T:

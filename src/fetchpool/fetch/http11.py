@@ -408,13 +408,11 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        reusable = self._done and self._keep and not conn.buffer and self._pool is not None
-        if reusable and conn.tls and conn.sock.pending():  # type: ignore[attr-defined]
-            reusable = False  # bytes past the body, already decrypted by OpenSSL
-        if reusable and self._pool is not None:
+        pool = self._pool
+        if pool is not None and self._done and self._keep and not conn.buffer:
             # This attempt's deadline must not reach the connection once another uses it.
             transport.detach_current(conn.sock)
-            self._pool.put(conn)
+            pool.put(conn)  # bytes that arrive after this are caught by dropped() at reuse
         else:
             conn.close()
 
@@ -518,7 +516,7 @@ class ConnectionPool:
             )
         except (ssl.SSLError, OSError, ValueError) as exc:
             sock.close()
-            raise _tls_error(OSError(str(exc))) from exc
+            raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
         # wrap_socket took the descriptor over (``sock`` is detached now): the attempt's
         # watchdog must hold the TLS socket, or it could not stop a trickling server.
         transport.attach_current(tls)

@@ -53,7 +53,6 @@ _ROW_MARKS = f"({', '.join('?' for _ in NAMES)})"
 _ON_CONFLICT = "ON CONFLICT(position) DO UPDATE SET " + ", ".join(
     f"{n} = excluded.{n}" for n in NAMES if n != "position"
 )
-UPSERT = f"INSERT INTO records ({', '.join(NAMES)}) VALUES {_ROW_MARKS} {_ON_CONFLICT}"  # noqa: S608
 #: Rows per multi-row upsert: 40 x 23 columns = 920 bound values, under the 999 of old builds.
 UPSERT_ROWS = 40
 
