@@ -340,14 +340,8 @@ class HttpFetcher:
         fd, path = fsutil.create_temp_fd(self._tmp_dir)
         try:
             digest, size, head = self._stream(response, fd, length, attempt)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            fsutil.discard(path)
-            raise
-        # fsynced here only when asked: otherwise the writer does it before naming the file
-        # (a shard writer never needs this temp file on disk at all).
-        try:
+            # fsynced here only when asked: otherwise the writer does it before naming the
+            # file (a shard writer never needs this temp file on disk at all).
             if self._sync_temp:
                 _local_io(os.fsync, fd)
         except BaseException:

@@ -461,13 +461,7 @@ def _start_run(conn: sqlite3.Connection, argv: list[str]) -> int:
 
 
 def _upsert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert or replace ``rows`` (distinct positions) in few statements."""
-    size = schema.UPSERT_ROWS
-    full = len(rows) - len(rows) % size
-    if full:
-        sql = schema.upsert_many(size)
-        for start in range(0, full, size):
-            conn.execute(sql, [value for row in rows[start : start + size] for value in row])
-    if full < len(rows):
-        rest = rows[full:]
-        conn.execute(schema.upsert_many(len(rest)), [value for row in rest for value in row])
+    """Insert or replace ``rows`` (distinct positions), UPSERT_ROWS per statement."""
+    for start in range(0, len(rows), schema.UPSERT_ROWS):
+        chunk = rows[start : start + schema.UPSERT_ROWS]
+        conn.execute(schema.upsert_many(len(chunk)), [value for row in chunk for value in row])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import sqlite3
@@ -57,6 +58,7 @@ _ON_CONFLICT = "ON CONFLICT(position) DO UPDATE SET " + ", ".join(
 UPSERT_ROWS = 40
 
 
+@functools.lru_cache(maxsize=UPSERT_ROWS)
 def upsert_many(rows: int) -> str:
     """One INSERT ... ON CONFLICT statement for ``rows`` rows (positions must be distinct).
 
