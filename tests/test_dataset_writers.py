@@ -201,3 +201,71 @@ def test_make_writer_picks_the_format(out: Path) -> None:
     assert isinstance(writer, ParquetWriter) and writer.shard_size == 5
     files = make_writer(out, OutputConfig(format="files"))
     assert type(files).__name__ == "FilesWriter"
+
+
+# -- a shard and its rows become durable together (RELIABILITY.md cases 39, 43) ---------------
+
+
+class _Ledger:
+    """Records what a sharded writer tells the journal, and what OUT held at that moment."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.calls: list[tuple[str, str, list[str | None], bool]] = []
+
+    def stage(self, shard: str, size: int, records: object) -> None:
+        paths = [r.path for r in records]  # type: ignore[attr-defined]
+        self.calls.append(("stage", shard, paths, (self.out / shard).exists()))
+
+    def unstage(self, shard: str) -> None:
+        self.calls.append(("unstage", shard, [], (self.out / shard).exists()))
+
+
+@pytest.mark.parametrize("cls", [WebDatasetWriter, ParquetWriter])
+def test_shard_rows_are_staged_before_the_shard_gets_its_name(out: Path, cls: type) -> None:
+    ledger = _Ledger(out)
+    writer = cls(out, shard_size=2, ledger=ledger)
+    seen_temps: list[list[str]] = []
+    for i in range(2):
+        writer.write(_record(out, i))
+        seen_temps.append(sorted(p.name for p in out.iterdir() if p.name.startswith(".fp-")))
+    suffix = cls.suffix
+    assert ledger.calls == [
+        ("stage", f"00000{suffix}", [f"00000{suffix}#000000000", f"00000{suffix}#000000001"], False)
+    ]
+    assert (out / f"00000{suffix}").is_file()
+    assert seen_temps == [[], []], "shard temps live in .fetchpool/tmp, never in OUT"
+
+
+def test_a_planted_shard_name_is_unstaged_and_the_next_name_used(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetchpool import fsutil
+
+    ledger = _Ledger(out)
+    writer = WebDatasetWriter(out, shard_size=1, ledger=ledger)
+    real_publish = fsutil.publish
+
+    def plant_then_publish(temp: str, final: str, **kw: bool) -> bool:
+        if final.endswith("00000.tar") and not Path(final).exists():
+            Path(final).write_bytes(b"planted")  # appears between the check and the link
+        return real_publish(temp, final, **kw)
+
+    monkeypatch.setattr(fsutil, "publish", plant_then_publish)
+    (record,) = writer.write(_record(out, 0))
+    assert [c[:2] for c in ledger.calls] == [
+        ("stage", "00000.tar"),
+        ("unstage", "00000.tar"),
+        ("stage", "00001.tar"),
+    ]
+    assert record.path == "00001.tar#000000000"
+    assert (out / "00000.tar").read_bytes() == b"planted"
+
+
+def test_shard_temps_left_in_out_by_older_runs_are_removed(out: Path) -> None:
+    stale = out / ".fp-1a2b3c4d5e6f0.tar.part"  # the counter-style names of 0.1
+    stale.write_bytes(b"half a shard")
+    mine = out / "notes.tar.part"
+    mine.write_bytes(b"not ours")
+    WebDatasetWriter(out, shard_size=2)
+    assert not stale.exists() and mine.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import subprocess
@@ -476,3 +477,143 @@ def test_symlinked_output_folder_is_allowed(tmp_path: Path) -> None:
     with Journal.open(link) as journal:
         journal.put(ok_record(0))
     assert db_path(real).is_file()
+
+
+# ---------------------------------------------------------------- case 45: atomic creation
+
+
+def test_a_new_journal_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The schema is committed under a temp name and renamed: no reader sees a journal
+    without its tables, and a creation killed half-way leaves only the temp name behind."""
+    out = tmp_path / "out"
+    with Journal.open(out) as journal:
+        journal.put(ok_record(0))
+    assert not (out / ".fetchpool" / "state.db.new").exists()
+    assert [r.position for r in iter_journal(out)] == [0]
+    # A leftover temp journal (a creation killed before its rename) is simply replaced.
+    out2 = tmp_path / "out2"
+    (out2 / ".fetchpool").mkdir(parents=True)
+    (out2 / ".fetchpool" / "state.db.new").write_bytes(b"half a database")
+    with Journal.open(out2) as journal:
+        journal.put(ok_record(1))
+    assert [r.position for r in iter_journal(out2)] == [1]
+    assert not (out2 / ".fetchpool" / "state.db.new").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty file", "no tables"])
+def test_a_journal_without_its_schema_reads_as_no_records(tmp_path: Path, kind: str) -> None:
+    """What a run killed before its schema was committed left (older fetchpool): readers say
+    "no records yet" and the next run creates the tables (RELIABILITY.md case 45)."""
+    out = tmp_path / "out"
+    (out / ".fetchpool").mkdir(parents=True)
+    path = db_path(out)
+    if kind == "empty file":
+        path.write_bytes(b"")
+    else:
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE scratch (x)")
+        conn.execute("DROP TABLE scratch")
+        conn.commit()
+        conn.close()
+    assert list(iter_journal(out)) == []
+    from fetchpool.state.manifest import export_manifest
+
+    buffer = io.StringIO()
+    export_manifest([out], buffer, fmt="jsonl")
+    assert buffer.getvalue() == ""
+    with Journal.open(out) as journal:
+        journal.put(ok_record(0))
+    assert [r.position for r in iter_journal(out)] == [0]
+
+
+def test_a_schema_1_journal_gains_the_staged_table_and_input_columns(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / ".fetchpool").mkdir(parents=True)
+    conn = sqlite3.connect(db_path(out))
+    conn.execute(f"CREATE TABLE records ({', '.join(f'{n} {t}' for n, t in COLUMNS.items())})")
+    conn.execute(
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, "
+        "finished REAL, version TEXT NOT NULL, argv TEXT NOT NULL, pid INTEGER NOT NULL)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Journal.open(out, source="/data/a.txt", source_size=10) as journal:
+        assert journal.earlier_source() is None
+    with Journal.open(out, source="/data/b.txt", source_size=12) as journal:
+        assert journal.earlier_source() == "/data/a.txt"
+    conn = sqlite3.connect(db_path(out))
+    assert conn.execute("SELECT count(*) FROM staged").fetchone() == (0,)
+    conn.close()
+
+
+# ---------------------------------------------------------------- shards staged with their rows
+
+
+def _shard_rows(out: Path, shard: str, positions: list[int]) -> list[Record]:
+    rows = []
+    for position in positions:
+        record = ok_record(position)
+        record.path = f"{shard}#{position:09d}"
+        rows.append(without_transient(record))
+    return rows
+
+
+def _kill(journal: Journal) -> None:
+    """What SIGKILL leaves: nothing flushed, the lock released by the kernel."""
+    journal._pending.clear()
+    journal._conn.close()
+    assert journal._lock_fd is not None
+    os.close(journal._lock_fd)
+    journal._lock_fd = None
+
+
+def test_a_published_shard_whose_rows_were_not_committed_is_rolled_forward(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    journal = Journal.open(out)
+    rows = _shard_rows(out, "00000.tar", [0, 1, 2])
+    (out / "00000.tar").write_bytes(b"x" * 30)
+    journal.stage("00000.tar", 30, rows)
+    for record in rows:
+        journal.put(record)  # buffered: lost with the kill
+    _kill(journal)
+    assert list(iter_journal(out)) == []
+    with Journal.open(out) as again:
+        assert [r.path for r in again.iter_records()] == [r.path for r in rows]
+        assert again.get(1) == rows[1]
+    conn = sqlite3.connect(db_path(out))
+    assert conn.execute("SELECT count(*) FROM staged").fetchone() == (0,)
+    conn.close()
+
+
+@pytest.mark.parametrize("on_disk", ["missing", "other size", "a symlink"])
+def test_a_staged_shard_that_never_got_its_name_is_forgotten(tmp_path: Path, on_disk: str) -> None:
+    out = tmp_path / "out"
+    journal = Journal.open(out)
+    journal.stage("00003.parquet", 40, _shard_rows(out, "00003.parquet", [5, 6]))
+    if on_disk == "other size":
+        (out / "00003.parquet").write_bytes(b"y" * 41)
+    elif on_disk == "a symlink":
+        (tmp_path / "elsewhere").write_bytes(b"z" * 40)
+        (out / "00003.parquet").symlink_to(tmp_path / "elsewhere")
+    _kill(journal)
+    with Journal.open(out) as again:
+        assert list(again.iter_records()) == []
+
+
+def test_rows_put_after_staging_clear_the_staged_copy(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Journal.open(out) as journal:
+        rows = _shard_rows(out, "00000.tar", [0, 1])
+        journal.stage("00000.tar", 10, rows)
+        for record in rows:
+            journal.put(record)
+        journal.flush()
+        conn = sqlite3.connect(db_path(out))
+        assert conn.execute("SELECT count(*) FROM staged").fetchone() == (0,)
+        journal.stage("00001.tar", 10, _shard_rows(out, "00001.tar", [2]))
+        journal.unstage("00001.tar")
+        assert conn.execute("SELECT count(*) FROM staged").fetchone() == (0,)
+        conn.close()

@@ -16,10 +16,14 @@ Contracts every implementation keeps:
   publication so far durable; the journal calls it before each commit, so a writer may batch
   its directory fsyncs. Called from one thread, unless ``concurrent`` is True: then ``write``
   may run in many threads at once (the pipeline then publishes in the fetch threads).
+* :class:`ShardLedger` is what a writer that publishes many records in one file (a shard)
+  tells before and after naming it, so the shard and its records become durable together:
+  the journal implements it (``stage`` commits the rows before the shard gets its name).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from fetchpool.models import Job, Record
@@ -39,3 +43,9 @@ class Writer(Protocol):
     def sync(self) -> None: ...
 
     def close(self) -> list[Record]: ...
+
+
+class ShardLedger(Protocol):
+    def stage(self, shard: str, size: int, records: Sequence[Record]) -> None: ...
+
+    def unstage(self, shard: str) -> None: ...

@@ -9,24 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from fetchpool.config import OutputConfig
-from fetchpool.stages import Writer
+from fetchpool.stages import ShardLedger, Writer
 
 __all__ = ["make_writer"]
 
 
-def make_writer(out: Path, config: OutputConfig) -> Writer:
-    """The writer for ``config.format`` publishing into ``out``.
+def make_writer(out: Path, config: OutputConfig, *, ledger: ShardLedger | None = None) -> Writer:
+    """The writer for ``config.format`` publishing into ``out``; a sharded one stages each
+    shard's rows in ``ledger`` (the run's journal) before naming the shard.
 
     Raises :class:`fetchpool.errors.ConfigError` when the format needs a missing extra.
     """
     if config.format == "webdataset":
         from fetchpool.outputs.webdataset import WebDatasetWriter
 
-        return WebDatasetWriter(out, shard_size=config.shard_size)
+        return WebDatasetWriter(out, shard_size=config.shard_size, ledger=ledger)
     if config.format == "parquet":
         from fetchpool.outputs.parquet import ParquetWriter
 
-        return ParquetWriter(out, shard_size=config.shard_size)
+        return ParquetWriter(out, shard_size=config.shard_size, ledger=ledger)
     from fetchpool.outputs.files import FilesWriter
 
     return FilesWriter(out, sidecar=config.sidecar)

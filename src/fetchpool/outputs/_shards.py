@@ -1,9 +1,14 @@
 """What the dataset writers share: numbered shards, written as temp files, published when full.
 
-A shard is written under a temp name in OUT (``fsutil.create_temp``), fsynced, then linked to
-its final name ``NNNNN<suffix>`` (``fsutil.publish``, which never replaces anything). Records
-are returned to the caller only then, so the journal never claims a sample a crash could lose.
-Numbering continues after the highest shard already in OUT: a resumed run never overwrites one.
+A shard is written under a temp name in ``OUT/.fetchpool/tmp/`` (``fsutil.create_temp``; that
+folder is emptied at the start of every run, so a killed run leaves nothing behind), fsynced,
+then linked to its final name ``NNNNN<suffix>`` in OUT (``fsutil.publish``, which never replaces
+anything). Just before the link, the shard's rows are staged in the journal
+(:class:`fetchpool.stages.ShardLedger`): a run killed between the link and the journal's next
+commit has the shard's rows rolled forward when the journal is next opened, so its samples are
+never fetched again into a second shard. Records are returned to the caller only after the
+link, so the journal never claims a sample a crash could lose. Numbering continues after the
+highest shard already in OUT: a resumed run never overwrites one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any, BinaryIO, ClassVar
 from fetchpool import fsutil
 from fetchpool.errors import ConfigError, OutputError
 from fetchpool.models import Record, Status
+from fetchpool.stages import ShardLedger
+from fetchpool.state.paths import tmp_dir
 
 #: Digits in a shard name (``00042.tar``); more appear past 99999 shards, order is kept by
 #: reading the number, not the name.
@@ -59,12 +66,13 @@ def next_shard_index(out: Path, suffix: str) -> int:
 
 
 def remove_stale_parts(out: Path, suffix: str) -> None:
-    """Delete shard temp files a crashed run left in ``out`` (our own random names only).
+    """Delete shard temp files that fetchpool 0.1 runs, which kept them in OUT itself, left
+    behind when killed (our own temp names only; today's are in ``.fetchpool/tmp/``).
 
     Safe because the run holds the output folder's lock: no other writer is using them.
     """
     pattern = re.compile(
-        rf"{re.escape(fsutil.TEMP_PREFIX)}[0-9a-f]{{16}}{re.escape(suffix)}{fsutil.TEMP_SUFFIX}"
+        rf"{re.escape(fsutil.TEMP_PREFIX)}[0-9a-f]+{re.escape(suffix)}{fsutil.TEMP_SUFFIX}"
     )
     with os.scandir(out) as entries:
         for entry in entries:
@@ -86,11 +94,15 @@ class ShardedWriter(ABC):
     #: Shards are appended to in order: one writer thread only.
     concurrent = False
 
-    def __init__(self, out: Path, *, shard_size: int = 1000) -> None:
+    def __init__(
+        self, out: Path, *, shard_size: int = 1000, ledger: ShardLedger | None = None
+    ) -> None:
         if shard_size < 1:
             raise ConfigError("shard_size must be >= 1")
         self.out = Path(out)
         self.shard_size = shard_size
+        self._ledger = ledger
+        self._tmp = tmp_dir(self.out)
         try:
             remove_stale_parts(self.out, self.suffix)
             self._next_index = next_shard_index(self.out, self.suffix)
@@ -157,7 +169,8 @@ class ShardedWriter(ABC):
     # -- internals ---------------------------------------------------------------------------
 
     def _open_shard(self) -> BinaryIO:
-        handle, temp = fsutil.create_temp(self.out, f"{self.suffix}{fsutil.TEMP_SUFFIX}")
+        self._tmp.mkdir(exist_ok=True)  # the journal made it; a bare writer (tests) may not
+        handle, temp = fsutil.create_temp(self._tmp, f"{self.suffix}{fsutil.TEMP_SUFFIX}")
         self._handle, self._temp = handle, temp
         try:
             self._start(handle)
@@ -173,25 +186,45 @@ class ShardedWriter(ABC):
         try:
             self._seal(handle, records)
             fsutil.finish_temp(handle)
-            name = self._publish(temp)
+            self._publish(temp, records)
         except OSError as exc:
             self._drop(handle, temp, records)
             raise fsutil.translate_os_error(exc, "cannot finish a shard") from exc
         except BaseException:
             self._drop(handle, temp, records)
             raise
-        for record in records:
-            record.path = f"{name}#{sample_key(record)}"
         self._published(records)
         return records
 
-    def _publish(self, temp: str) -> str:
+    def _publish(self, temp: str, records: list[Record]) -> None:
+        """Stage the rows under the next free name, then link the shard to it (see the module
+        docstring); a name taken meanwhile (planted) unstages and tries the next one."""
+        size = os.stat(temp).st_size
         for _ in range(_PUBLISH_TRIES):
             name = f"{self._next_index:0{SHARD_DIGITS}d}{self.suffix}"
             self._next_index += 1
-            if fsutil.publish(temp, str(self.out / name)):
-                return name
+            final = str(self.out / name)
+            if os.path.lexists(final):
+                continue
+            for record in records:
+                record.path = f"{name}#{sample_key(record)}"
+            if self._ledger is not None:
+                self._ledger.stage(name, size, records)
+            try:
+                published = fsutil.publish(temp, final)
+            except BaseException:
+                self._unstage(name, records)
+                raise
+            if published:
+                return
+            self._unstage(name, records)
         raise OutputError(f"cannot find a free shard name in {self.out}")
+
+    def _unstage(self, name: str, records: list[Record]) -> None:
+        for record in records:
+            record.path = None
+        if self._ledger is not None:
+            self._ledger.unstage(name)
 
     def _abort_shard(self) -> None:
         handle, temp, records = self._handle, self._temp, self._pending

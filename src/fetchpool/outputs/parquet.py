@@ -19,6 +19,7 @@ from fetchpool import fsutil
 from fetchpool.errors import ConfigError
 from fetchpool.models import Record
 from fetchpool.outputs._shards import ShardedWriter, meta_value, sample_extension, sample_key
+from fetchpool.stages import ShardLedger
 
 #: A row group is written when it holds this many rows or bytes of images, whichever first:
 #: small enough to bound memory, large enough for efficient scans.
@@ -46,9 +47,11 @@ class ParquetWriter(ShardedWriter):
 
     suffix = ".parquet"
 
-    def __init__(self, out: Path, *, shard_size: int = 1000) -> None:
+    def __init__(
+        self, out: Path, *, shard_size: int = 1000, ledger: ShardLedger | None = None
+    ) -> None:
         self._pa, self._pq = _pyarrow()  # fail before any download when pyarrow is missing
-        super().__init__(out, shard_size=shard_size)
+        super().__init__(out, shard_size=shard_size, ledger=ledger)
 
     def _add(self, handle: BinaryIO, record: Record) -> None:
         pass  # rows are built at _seal, from the temp files, one row group at a time

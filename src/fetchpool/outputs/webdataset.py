@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 from fetchpool import fsutil
 from fetchpool.models import Record
 from fetchpool.outputs._shards import ShardedWriter, meta_value, sample_extension, sample_key
+from fetchpool.stages import ShardLedger
 
 #: Member mtime: fixed, so a shard's bytes depend only on its samples.
 _MTIME = 0
@@ -33,8 +34,10 @@ class WebDatasetWriter(ShardedWriter):
 
     suffix = ".tar"
 
-    def __init__(self, out: Path, *, shard_size: int = 1000) -> None:
-        super().__init__(out, shard_size=shard_size)
+    def __init__(
+        self, out: Path, *, shard_size: int = 1000, ledger: ShardLedger | None = None
+    ) -> None:
+        super().__init__(out, shard_size=shard_size, ledger=ledger)
         self._tar: tarfile.TarFile | None = None
 
     def _start(self, handle: BinaryIO) -> None:

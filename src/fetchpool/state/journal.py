@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -26,11 +27,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fetchpool import fsutil
 from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
 from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
+
+log = logging.getLogger("fetchpool")
 
 BATCH_ROWS = 500
 BATCH_SECONDS = 1.0
@@ -150,8 +154,14 @@ def _refuse_links(path: Path) -> None:
 
 
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
-    """Open the journal database; corrupt or unreadable files raise :class:`StateError`."""
+    """Open the journal database; corrupt or unreadable files raise :class:`StateError`.
+
+    Opened for writing, a missing journal is first created whole under another name and then
+    renamed into place (:func:`_create`), so no reader ever sees one without its tables.
+    """
     _refuse_links(path)
+    if not read_only and not path.exists():
+        _create(path)
     try:
         if read_only:
             conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -191,13 +201,51 @@ def _configure(conn: sqlite3.Connection, *, read_only: bool) -> None:
         conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
 
 
+def _create(path: Path) -> None:
+    """Create the journal with its schema under a temp name, then rename it to ``path``.
+
+    A kill at any moment leaves either no journal or a complete, empty one (RELIABILITY.md
+    case 45); a leftover temp journal is replaced by the next run, which holds the lock.
+    """
+    temp = path.with_name(f"{path.name}.new")
+    for leftover in (temp, *(temp.with_name(temp.name + s) for s in _SQLITE_SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    try:
+        conn = sqlite3.connect(temp, isolation_level=None)
+        try:
+            _configure(conn, read_only=False)
+        finally:
+            conn.close()  # checkpoints the WAL into the file and removes it
+        fd = os.open(temp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        fsutil.fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"cannot create the journal {path}: no space left") from exc
+        raise StateError(f"cannot create the journal {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            raise DiskFullError(f"cannot create the journal {path}: {exc}") from exc
+        raise StateError(f"cannot create the journal {path}: {exc}") from exc
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Forward-migrate a journal written before a Record field existed."""
-    present = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
-    for name, sql_type in schema.COLUMNS.items():
-        if name not in present:
-            plain = sql_type.replace(" PRIMARY KEY", "").replace(" NOT NULL", "")
-            conn.execute(f"ALTER TABLE records ADD COLUMN {name} {plain}")
+    """Forward-migrate a journal written before a Record field (or a runs column) existed."""
+    for table, columns in (
+        ("records", schema.COLUMNS),
+        ("staged", schema.COLUMNS),
+        ("runs", schema.RUN_COLUMNS),
+    ):
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, sql_type in columns.items():
+            if name not in present:
+                plain = sql_type.replace(" PRIMARY KEY", "").replace(" NOT NULL", "")
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {plain}")
 
 
 # --------------------------------------------------------------------------- Journal
@@ -227,14 +275,25 @@ class Journal:
         #: Called before every commit: the writer makes its publications durable first, so a
         #: committed "ok" row always names a file that survives a crash.
         self.before_commit: Callable[[], None] | None = None
+        #: Positions whose rows are staged with a shard (:meth:`stage`) and not yet put.
+        self._staged: set[int] = set()
 
     @classmethod
-    def open(cls, out: Path, *, argv: Sequence[str] | None = None) -> Journal:
+    def open(
+        cls,
+        out: Path,
+        *,
+        argv: Sequence[str] | None = None,
+        source: str | None = None,
+        source_size: int | None = None,
+    ) -> Journal:
         """Prepare ``out`` for a run and open its journal.
 
         Checks the folder (:class:`OutputError`), creates ``.fetchpool/`` and ``tmp/``, takes
         the run lock (:class:`LockedError` names the holder's pid), empties ``tmp/``, opens
-        or creates the database (:class:`StateError` if corrupt) and records this run.
+        or creates the database (:class:`StateError` if corrupt), settles the shards a killed
+        run left staged (:func:`_settle_staged`) and records this run, with the name and size
+        of its input when known.
         """
         out = Path(out)
         check_output_folder(out)
@@ -250,7 +309,9 @@ class Journal:
             _empty_folder(tmp_dir(out))
             conn = connect(db_path(out))
             try:
-                run_id = _start_run(conn, list(sys.argv if argv is None else argv))
+                _settle_staged(conn, out)
+                argv_list = list(sys.argv if argv is None else argv)
+                run_id = _start_run(conn, argv_list, source, source_size)
             except BaseException:
                 conn.close()
                 raise
@@ -258,6 +319,14 @@ class Journal:
             release_lock(lock_fd)
             raise
         return cls(out, conn, lock_fd, run_id)
+
+    def earlier_source(self) -> str | None:
+        """The input an earlier run of this folder read (its name), if it was recorded."""
+        row = self._query_one(
+            "SELECT source FROM runs WHERE id < ? AND source IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (self.run_id,),
+        )
+        return None if row is None else str(row[0])
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -369,12 +438,50 @@ class Journal:
         if len(self._pending) >= BATCH_ROWS or due:
             self.flush()
 
+    def stage(self, shard: str, size: int, records: Sequence[Record]) -> None:
+        """Commit the rows of ``shard`` (``size`` bytes, fsynced, not yet named) now.
+
+        Called by a sharded writer just before it links the shard to its name; the rows reach
+        ``records`` with the usual :meth:`put` afterwards. A run killed in between has its
+        shard settled when the journal is next opened: rows rolled forward if the shard has
+        its name, forgotten if not. Committed with ``synchronous = FULL``: a shard that
+        survives a power loss has its rows too.
+        """
+        rows = [(shard, size, *schema.to_row(record)) for record in records]
+        try:
+            self._conn.execute("PRAGMA synchronous = FULL")
+            try:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.executemany(schema.STAGE, rows)
+            finally:
+                self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+                raise DiskFullError(f"cannot write the journal: {exc}") from exc
+            raise StateError(f"cannot write the journal: {exc}") from exc
+        self._staged.update(record.position for record in records)
+
+    def unstage(self, shard: str) -> None:
+        """Forget the staged rows of a shard that was not published after all."""
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                rows = self._conn.execute(
+                    "SELECT position FROM staged WHERE shard = ?", (shard,)
+                ).fetchall()
+                self._conn.execute("DELETE FROM staged WHERE shard = ?", (shard,))
+            self._staged.difference_update(row[0] for row in rows)
+        except sqlite3.Error as exc:  # settled at the next open: the shard has no name
+            log.warning("cannot unstage shard %s: %s", shard, exc)
+
     def flush(self) -> None:
-        """Commit buffered rows now."""
+        """Commit buffered rows now (and drop the staged copies of those that were staged)."""
         if not self._pending:
             self._last_commit = time.monotonic()
             return
         rows = list(self._pending.values())
+        staged = [p for p in self._pending if p in self._staged] if self._staged else []
         if self.before_commit is not None:
             try:
                 self.before_commit()
@@ -386,12 +493,18 @@ class Journal:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 _upsert(self._conn, rows)
+                for start in range(0, len(staged), 500):
+                    chunk = staged[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    sql = f"DELETE FROM staged WHERE position IN ({marks})"  # noqa: S608 - marks
+                    self._conn.execute(sql, chunk)
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
                 raise DiskFullError(f"cannot write the journal: {exc}") from exc
             raise StateError(f"cannot write the journal: {exc}") from exc
         self._pending.clear()
         self._pending_ok_urls.clear()
+        self._staged.difference_update(staged)
         self._last_commit = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -447,12 +560,42 @@ def iter_journal(
         conn.close()
 
 
-def _start_run(conn: sqlite3.Connection, argv: list[str]) -> int:
+def _settle_staged(conn: sqlite3.Connection, out: Path) -> None:
+    """Finish what a killed run left between staging a shard and putting its rows.
+
+    A staged shard whose final name holds a regular file of the staged size was published:
+    its rows go into ``records``. One without it was not: its rows are dropped, and its
+    samples are fetched again into a new shard. Either way no sample is in two shards.
+    """
+    try:
+        shards = conn.execute("SELECT shard, MIN(shard_size) FROM staged GROUP BY shard").fetchall()
+        for shard, size in shards:
+            try:
+                info = (out / shard).lstat()
+                published = stat.S_ISREG(info.st_mode) and info.st_size == size
+            except OSError:
+                published = False
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                if published:
+                    conn.execute(schema.ROLL_FORWARD, (shard,))
+                conn.execute("DELETE FROM staged WHERE shard = ?", (shard,))
+            log.info("shard %s of a killed run %s", shard, "kept" if published else "dropped")
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            raise DiskFullError(f"cannot write the journal: {exc}") from exc
+        raise StateError(f"cannot settle the staged shards of the journal: {exc}") from exc
+
+
+def _start_run(
+    conn: sqlite3.Connection, argv: list[str], source: str | None, source_size: int | None
+) -> int:
     try:
         with conn:
             cursor = conn.execute(
-                "INSERT INTO runs (started, version, argv, pid) VALUES (?, ?, ?, ?)",
-                (time.time(), __version__, json.dumps(argv), os.getpid()),
+                "INSERT INTO runs (started, version, argv, pid, source, source_size) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), __version__, json.dumps(argv), os.getpid(), source, source_size),
             )
     except sqlite3.Error as exc:
         raise StateError(f"cannot write the journal: {exc}") from exc

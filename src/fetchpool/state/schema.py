@@ -14,7 +14,9 @@ from fetchpool.errors import StateError
 from fetchpool.models import ErrorCode, Record, Status
 from fetchpool.redact import redact_url, redact_urls
 
-SCHEMA_VERSION = 1
+#: 2: the ``staged`` table (shards and their rows made durable together) and the input's
+#: name and size in ``runs``.
+SCHEMA_VERSION = 2
 
 #: Record fields never persisted: they only live while an item is in flight.
 TRANSIENT = frozenset({"temp_path", "extension", "retry_after", "temp_synced"})
@@ -72,8 +74,27 @@ def upsert_many(rows: int) -> str:
     )
 
 
+#: Columns of ``runs`` added after schema 1, added to older journals when they are opened.
+RUN_COLUMNS: dict[str, str] = {"source": "TEXT", "source_size": "INTEGER"}
+
+#: Stages one row of a shard (see the ``staged`` table): shard name, shard size, row.
+STAGE = (
+    f"INSERT OR REPLACE INTO staged (shard, shard_size, {', '.join(NAMES)}) "  # noqa: S608
+    f"VALUES (?, ?, {', '.join('?' for _ in NAMES)})"
+)
+#: Moves the staged rows of one published shard into ``records``.
+ROLL_FORWARD = (
+    f"INSERT INTO records ({', '.join(NAMES)}) "  # noqa: S608 - fixed column names
+    f"SELECT {', '.join(NAMES)} FROM staged WHERE shard = ? {_ON_CONFLICT}"
+)
+
 DDL = (
     f"CREATE TABLE IF NOT EXISTS records ({', '.join(f'{n} {t}' for n, t in COLUMNS.items())})",
+    # Rows of a shard about to be published, committed before the shard gets its name: after a
+    # crash, a shard that has its name gets its rows (rolled forward) and one that has not is
+    # forgotten (its rows are fetched again), so no sample is ever in two shards.
+    f"CREATE TABLE IF NOT EXISTS staged (shard TEXT NOT NULL, shard_size INTEGER NOT NULL, "
+    f"{', '.join(f'{n} {t}' for n, t in COLUMNS.items())})",
     # Partial index: only OK rows are looked up by URL (duplicate / already-done checks).
     "CREATE INDEX IF NOT EXISTS records_ok_url ON records(url) WHERE status = 'ok'",
     "CREATE INDEX IF NOT EXISTS records_status ON records(status, error_code)",
@@ -83,7 +104,9 @@ DDL = (
         finished REAL,
         version TEXT NOT NULL,
         argv TEXT NOT NULL,
-        pid INTEGER NOT NULL
+        pid INTEGER NOT NULL,
+        source TEXT,
+        source_size INTEGER
     )""",
 )
 
@@ -156,6 +179,15 @@ def from_row(row: tuple[Any, ...]) -> Record:
     return Record(**values)
 
 
+def has_records(conn: sqlite3.Connection) -> bool:
+    """Whether the journal has its tables: one killed while it was being created (by an
+    older fetchpool, which did not create it atomically) or an empty file has none yet."""
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+    ).fetchone()
+    return row is not None
+
+
 def iter_rows(
     conn: sqlite3.Connection, status: Status | None, *, page: int = PAGE
 ) -> Iterator[tuple[Any, ...]]:
@@ -163,7 +195,10 @@ def iter_rows(
 
     Each page is its own short query, so no read transaction stays open between pages:
     callers may write to the journal while iterating, and the WAL can be checkpointed.
+    A journal without tables yet reads as no records.
     """
+    if not has_records(conn):
+        return
     where = "position > ?" + (" AND status = ?" if status is not None else "")
     sql = f"{SELECT} WHERE {where} ORDER BY position LIMIT ?"
     last = -1
