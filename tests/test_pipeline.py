@@ -290,8 +290,11 @@ def test_a_full_disk_while_writing_stops_the_run_and_is_not_an_internal_error(
     report = download(
         urls(10), tmp_path / "out", threads=1, fetcher=fake(lambda job: MockResponse(body=JPEG))
     )
-    assert report.fatal and report.exit_code == 2
-    assert report.errors == {"disk_full": 1}
+    assert report.fatal and report.exit_code == 2 and report.fatal_kind == "disk_full"
+    # The item that met the full disk did nothing wrong: unfinished, neither failed nor
+    # journaled, so the next run (space freed) fetches it without --retry-failed.
+    assert report.errors == {} and report.unfinished == 1
+    assert {r.status for r in report.records()} == {Status.OK}
     assert not list((tmp_path / "out" / ".fetchpool" / "tmp").iterdir())
 
 
@@ -335,3 +338,52 @@ def test_a_journal_that_cannot_grow_stops_the_run_as_disk_full(
     report = download(urls(3), tmp_path / "out", fetcher=fake(lambda job: MockResponse(body=JPEG)))
     assert report.fatal is not None and "journal" in report.fatal
     assert report.exit_code == 2
+
+
+# ------------------------------------------------------------ case 44: one folder, one input
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_a_different_input_into_the_same_folder_is_refused_before_any_fetch(
+    tmp_path: Path, fmt: str
+) -> None:
+    fetched: list[str] = []
+
+    def handler(job: Job) -> MockResponse:
+        fetched.append(job.url)
+        return MockResponse(body=JPEG + job.url.encode())
+
+    out = tmp_path / "out"
+    first = tmp_path / "a.txt"
+    first.write_text("".join(f"{u}\n" for u in urls(10)))
+    assert download(first, out, fetcher=fake(handler), format=fmt).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    fetched.clear()
+    other = tmp_path / "b.txt"
+    other.write_text("".join(f"{u}\n" for u in urls(10, "b.example")))
+    report = download(other, out, fetcher=fake(handler), format=fmt)
+    assert report.exit_code == 2 and report.fatal_kind == "input_mismatch"
+    assert fetched == [], "nothing of the other input is fetched"
+    message = report.fatal or ""
+    assert "a.txt" in message and "another output folder" in message
+    assert "line 1" in message and "b.example" in message
+    assert [r.url for r in report.records()] == urls(10), "the first input's records stay"
+    assert sorted(p.name for p in out.iterdir()) == before
+    # The same input again resumes; the same input with lines appended fetches just those.
+    assert download(first, out, fetcher=fake(handler), format=fmt).exit_code == 0
+    assert fetched == []
+    first.write_text("".join(f"{u}\n" for u in urls(13)))
+    again = download(first, out, fetcher=fake(handler), format=fmt)
+    assert again.exit_code == 0 and again.resumed == 10
+    assert fetched == urls(13)[10:]
+
+
+def test_a_changed_bad_line_is_a_different_input_too(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ok = fake(lambda job: MockResponse(body=JPEG))
+    assert download([urls(1)[0], "not a url"], out, fetcher=ok).exit_code == 1
+    kept = download([urls(1)[0], "not a url"], out, fetcher=ok)
+    assert kept.exit_code == 1 and kept.resumed == 2, "a bad line already journaled is kept"
+    report = download([urls(1)[0], "still not a url"], out, fetcher=ok)
+    assert report.fatal_kind == "input_mismatch" and "item 1" in (report.fatal or "")
+    assert [r.url for r in report.records()] == [urls(1)[0], "not a url"]

@@ -288,9 +288,16 @@ def _run_get(
         from fetchpool.report.summary import render_summary
 
         render_summary(report, console)
-    if report.interrupted and received:
-        return 128 + received[0]
-    return report.exit_code
+    elif report.fatal:  # -q: a run-level failure is still said, in one line
+        click.echo(f"fetchpool: {report.fatal_kind or 'error'}: {report.fatal}", err=True)
+    code = 128 + received[0] if report.interrupted and received else report.exit_code
+    if pipeline.hurried:
+        # The journal is closed and its last commit done; fetch threads may still be in the
+        # middle of an attempt nobody will hear: leave without waiting for them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _error_kind(exc: Exception) -> str:
@@ -311,18 +318,25 @@ def _error_kind(exc: Exception) -> str:
 def _install_stop_handlers(pipeline: Any) -> list[int]:
     """First SIGINT/SIGTERM: stop taking work, finish in-flight items, save state.
 
-    A second one leaves at once; the journal is consistent at every commit, so at worst the
-    items finished since the last commit are fetched again by the next run.
+    A second one hurries the stop: items in flight are abandoned (the next run fetches them),
+    and the run ends as soon as the journal has committed everything finished. A third leaves
+    at once; the journal is consistent at every commit, so at worst the items finished since
+    its last commit are fetched again (and their files adopted) by the next run. Worker
+    processes end with this one however it ends (:mod:`fetchpool.lifeline`).
     """
     received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if received:
-            os._exit(128 + received[0])
         received.append(signum)
-        # A plain write: a signal handler must not re-enter rich while it draws the bar.
-        os.write(2, b"\nfetchpool: stopping, finishing in-flight items (again to quit now)\n")
-        pipeline.stop()
+        # Plain writes: a signal handler must not re-enter rich while it draws the bar.
+        if len(received) == 1:
+            os.write(2, b"\nfetchpool: stopping, finishing in-flight items (again to hurry)\n")
+            pipeline.stop()
+        elif len(received) == 2:
+            os.write(2, b"fetchpool: hurrying: saving state, dropping in-flight items\n")
+            pipeline.stop(hurry=True)
+        else:
+            os._exit(128 + received[0])
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)

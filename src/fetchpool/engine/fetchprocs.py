@@ -20,9 +20,10 @@ process 1.8 s, two processes of 8 threads 0.9 s. Workers only fetch (and, for th
 writer, publish); scheduling, retries and the journal stay in the run loop, which sends each
 worker at most its own share of the in-flight budget.
 
-Workers are started with ``spawn`` (the parent has threads), ignore SIGINT (the parent decides
-how a run stops) and exit when their pipe closes, so a parent killed with SIGKILL leaves none
-behind.
+Workers are started with ``spawn`` (the parent has threads), ignore SIGINT and SIGTERM (the
+parent decides how a run stops: a signal to the process group must not turn their items into
+failures) and exit at once when their pipe closes or their parent is gone
+(:mod:`fetchpool.lifeline`), so a parent killed with SIGKILL leaves none behind.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fetchpool import fsutil
 from fetchpool.config import FetchConfig
 from fetchpool.engine.runner import Done
 from fetchpool.errors import DiskFullError, FetchpoolError
@@ -51,8 +52,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fetchpool")
 
 
-def fetch_and_publish(fetcher: Fetcher, writer: Writer | None, job: Job) -> Record:
-    """One attempt at ``job``, published by ``writer`` when given and ok. Never raises."""
+def fetch_and_publish(
+    fetcher: Fetcher, writer: Writer | None, job: Job, gate: PublishGate | None = None
+) -> Record:
+    """One attempt at ``job``, published by ``writer`` when given and ok (through ``gate``
+    when given). Never raises."""
     try:
         record = fetcher.fetch(job)
     except FetchpoolError as exc:
@@ -61,7 +65,7 @@ def fetch_and_publish(fetcher: Fetcher, writer: Writer | None, job: Job) -> Reco
         log.exception("internal error fetching item %d", job.position)
         return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
     if writer is not None and record.status is Status.OK:
-        return publish(writer, record)
+        return gate.publish(writer, record) if gate is not None else publish(writer, record)
     return record
 
 
@@ -75,6 +79,63 @@ def publish(writer: Writer, record: Record) -> Record:
     except Exception as exc:  # a bug must cost one item, never the run
         log.exception("internal error publishing item %d", record.position)
         record.fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+    return record
+
+
+class PublishGate:
+    """Lets fetch threads publish until :meth:`close`; after it, none does.
+
+    A hurried stop closes it before the journal's last commit. A record counts as under way
+    from the moment its thread enters the gate until the run loop has its result
+    (:meth:`delivered`), so once :meth:`close` returns, every file that got its final name
+    is in the run loop's queue and reaches the journal: the journal is never left behind the
+    files on disk. Costs two uncontended lock round trips per item.
+    """
+
+    #: Seconds :meth:`close` waits for results under way (each is a link and a queue put).
+    CLOSE_TIMEOUT = 10.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._under_way: set[int] = set()  # id() of records entered and not yet delivered
+        self._closed = False
+
+    def publish(self, writer: Writer, record: Record) -> Record:
+        """:func:`publish`, or, once closed, the record cancelled and its temp file removed."""
+        with self._cond:
+            if self._closed:
+                return _cancelled(record)
+            self._under_way.add(id(record))
+        try:
+            return publish(writer, record)
+        except BaseException:
+            self.delivered(record)
+            raise
+
+    def delivered(self, record: Record | None) -> None:
+        """The run loop has ``record`` (from :meth:`publish`) in its queue."""
+        if record is None:
+            return
+        with self._cond:
+            self._under_way.discard(id(record))
+            if not self._under_way:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Let no more publications start; wait until the ones under way are delivered."""
+        deadline = time.monotonic() + self.CLOSE_TIMEOUT
+        with self._cond:
+            self._closed = True
+            while self._under_way and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+
+def _cancelled(record: Record) -> Record:
+    fsutil.discard(record.temp_path)
+    record.temp_path = None
+    record.status = Status.SKIPPED
+    record.error_code = ErrorCode.CANCELLED
+    record.error_message = "the run was stopped before this item was published"
     return record
 
 
@@ -92,9 +153,11 @@ class WorkerSpec:
     sidecar: bool = False
 
 
-def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
+def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
     """A fetch worker: fetch jobs from ``conn`` on ``spec.fetch.threads`` threads."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from fetchpool.lifeline import follow_parent
+
+    follow_parent(parent_pid)
     from fetchpool.fetch import HttpFetcher
     from fetchpool.heap import keep_heap_trimmed
 
@@ -121,8 +184,10 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                break
-            if message is None:
+                # The parent is gone (or gave up on us): nobody will hear the results, and a
+                # next run may already own the folder. Leave now, mid-fetch.
+                os._exit(1)
+            if message is None:  # the parent's shutdown: finish what is in flight
                 break
             for task_id, job in message:
                 executor.submit(work, task_id, job)
@@ -165,7 +230,10 @@ class _Worker:
     def __init__(self, context: Any, spec: WorkerSpec, index: int) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_worker_main, args=(child, spec), name=f"fetchpool-fetch-{index}", daemon=True
+            target=_worker_main,
+            args=(child, spec, os.getpid()),
+            name=f"fetchpool-fetch-{index}",
+            daemon=True,
         )
         self.process.start()
         child.close()
@@ -241,9 +309,9 @@ class ProcessFetchPool:
         for worker in self._workers:
             with worker.send_lock, contextlib.suppress(OSError):
                 worker.conn.send(None)
-        if cancel:
+        if cancel:  # SIGKILL: workers ignore SIGTERM (see the module docstring)
             for worker in self._workers:
-                worker.process.terminate()
+                worker.process.kill()
         for reader in self._readers:
             reader.join()
         for worker in self._workers:

@@ -37,7 +37,13 @@ from typing import Any, Protocol
 
 from fetchpool import fsutil
 from fetchpool.config import Options
-from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec, fetch_and_publish, publish
+from fetchpool.engine.fetchprocs import (
+    ProcessFetchPool,
+    PublishGate,
+    WorkerSpec,
+    fetch_and_publish,
+    publish,
+)
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
 from fetchpool.errors import DiskFullError, FetchpoolError, OutputError
@@ -75,6 +81,10 @@ class Report:
     resumed: int = 0  # items already finished by an earlier run, not touched this time
     interrupted: bool = False
     fatal: str | None = None  # a run-level failure that stopped the run early
+    fatal_kind: str | None = None  # its stable word: "disk_full", "input_mismatch"
+    #: Items that were under way when the run stopped early (disk full, a stop, a worker
+    #: gone while stopping): not journaled, so the next run fetches them like any other.
+    unfinished: int = 0
 
     @property
     def ok(self) -> int:
@@ -146,9 +156,12 @@ class _FetchPool(Protocol):
 
 
 class _ThreadFetchPool:
-    def __init__(self, pool: TaskPool[Record], attempt: Callable[[Job], Record]) -> None:
+    def __init__(
+        self, pool: TaskPool[Record], attempt: Callable[[Job], Record], gate: PublishGate | None
+    ) -> None:
         self._pool = pool
         self._attempt = attempt
+        self._gate = gate
 
     @property
     def in_flight(self) -> int:
@@ -161,7 +174,11 @@ class _ThreadFetchPool:
         """Nothing to do: a thread starts on its job when it is submitted."""
 
     def shutdown(self, *, cancel: bool = False) -> None:
-        self._pool.shutdown(cancel=cancel)
+        """Wait for the fetch threads, or, cancelling, publish nothing more and leave them to
+        end their attempts (bounded by the timeouts) unheard."""
+        if cancel and self._gate is not None:
+            self._gate.close()
+        self._pool.shutdown(cancel=cancel, wait=not cancel)
 
 
 class Pipeline:
@@ -183,14 +200,28 @@ class Pipeline:
         self._rng = rng or random.Random()
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._hurry = threading.Event()
         self._open: dict[str, _Open] = {}  # by URL: one fetch per URL, later copies wait
         self._open_items = 0
         self._report = Report(out=out)
 
-    def stop(self) -> None:
-        """Ask the run to stop: no new work starts; finished work is kept. Thread-safe."""
+    def stop(self, *, hurry: bool = False) -> None:
+        """Ask the run to stop: no new work starts; finished work is kept. Thread-safe, and
+        safe in a signal handler.
+
+        Items in flight are finished and journaled first, unless ``hurry``: then they are
+        abandoned (not journaled, so the next run fetches them) and the run returns as soon
+        as the journal has committed what is finished. A stop may be hurried later.
+        """
+        if hurry:
+            self._hurry.set()
         self._stop.set()
         self._events.put(("wake", None))
+
+    @property
+    def hurried(self) -> bool:
+        """Whether a stop was hurried: fetch threads may still be winding down."""
+        return self._hurry.is_set()
 
     def run(self, source: Source) -> Report:
         from fetchpool.heap import keep_heap_trimmed
@@ -199,8 +230,9 @@ class Pipeline:
 
         keep_heap_trimmed()
         started = time.perf_counter()
+        name, size = _describe(source)
         try:
-            with Journal.open(self.out) as journal:
+            with Journal.open(self.out, source=name, source_size=size) as journal:
                 self._journal = journal
                 self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
                 items = read_input(
@@ -211,7 +243,7 @@ class Pipeline:
                 )
                 self._loop(items)
         except DiskFullError as exc:  # the journal's last commit, at close
-            self._stop_for_disk_full(str(exc))
+            self._stop_run("disk_full", str(exc))
         self._report.wall = time.perf_counter() - started
         self._observers.on_event(
             RunFinished(wall=self._report.wall, interrupted=self._report.interrupted)
@@ -246,6 +278,7 @@ class Pipeline:
                 "threads", PUBLISH_THREADS, name="publish", on_done=self._published
             )
         self._fetcher: Fetcher | None = None
+        self._gate: PublishGate | None = None
         self._pool = self._make_fetch_pool()
         cancel = False
         try:
@@ -255,13 +288,14 @@ class Pipeline:
             self._report.interrupted = True
             cancel = True
         finally:
-            self._shutdown(cancel=cancel)
+            self._shutdown(cancel=cancel or self._hurry.is_set())
 
     def _pump(self, items: Iterator[Job | BadInput]) -> None:
         exhausted = False
         while True:
             if self._stop.is_set():
                 self._report.interrupted = self._report.fatal is None
+                self._settle()
                 return
             while not exhausted and self._room() > 0:
                 wanted = min(self._room(), ADMIT_BATCH)
@@ -272,6 +306,16 @@ class Pipeline:
             if exhausted and self._open_items == 0:
                 return
             self._wait_for_events()
+
+    def _settle(self) -> None:
+        """After a stop: handle the results of the work in flight as they come, until there
+        is none left or the stop is hurried (then :meth:`_shutdown` abandons the rest)."""
+        while not self._hurry.is_set() and self._busy():
+            self._wait_for_events()
+
+    def _busy(self) -> bool:
+        stages = (self._pool, self._images, self._publishers)
+        return any(stage is not None and stage.in_flight > 0 for stage in stages)
 
     def _room(self) -> int:
         """How many items to admit now: none until a quarter of the window is free (or the
@@ -308,16 +352,41 @@ class Pipeline:
     def _admit_batch(self, batch: list[Job | BadInput]) -> None:
         """Admit items with two journal queries per batch, not two per item."""
         jobs = [item for item in batch if isinstance(item, Job)]
-        priors = self._journal.get_many([job.position for job in jobs])
+        priors = self._journal.get_many([item.position for item in batch])
         earlier = self._journal.find_ok_by_urls([job.url for job in jobs])
         for item in batch:
+            prior = priors.get(item.position)
+            if prior is not None and prior.url != (item.url if isinstance(item, Job) else item.raw):
+                self._refuse_input(item, prior)
+                return
             if isinstance(item, BadInput):
-                self._finish(Record.for_bad_input(item))
+                if prior is None:
+                    self._finish(Record.for_bad_input(item))
+                else:
+                    self._report.add(prior, resumed=True)
+                    self._observers.on_event(ItemFinished(prior))
             else:
-                self._admit(item, priors.get(item.position), earlier.get(item.url))
+                self._admit(item, prior, earlier.get(item.url))
+
+    def _refuse_input(self, item: Job | BadInput, prior: Record) -> None:
+        """The journal holds another URL at this position: this is not the input that filled
+        the folder. Stop before the item replaces anything (RELIABILITY.md case 44)."""
+        from fetchpool.redact import redact_url
+
+        now = item.url if isinstance(item, Job) else item.raw
+        where = f"item {item.position}" + (f" (line {item.line})" if item.line else "")
+        source = self._journal.earlier_source()
+        filled = f" (filled from {source})" if source else ""
+        self._stop_run(
+            "input_mismatch",
+            f"{self.out} holds the records of a different input{filled}: {where} was "
+            f"{redact_url(prior.url)!r} there and is {redact_url(now)!r} in this one. "
+            "Write this input into another output folder (-o), or run the input that "
+            "filled this folder (appending lines to it is fine).",
+        )
 
     def _admit(self, item: Job, prior: Record | None, earlier: Record | None) -> None:
-        if prior is not None and prior.url == item.url and self._still_valid(prior):
+        if prior is not None and self._still_valid(prior):
             self._report.add(prior, resumed=True)
             self._observers.on_event(ItemFinished(prior))
             return
@@ -386,10 +455,15 @@ class Pipeline:
         threads: TaskPool[Record] = TaskPool(
             "threads", fetch.threads, name="fetch", on_done=self._fetched
         )
-        return _ThreadFetchPool(threads, lambda job: fetch_and_publish(fetcher, writer, job))
+        gate = self._gate = PublishGate() if writer is not None else None
+        return _ThreadFetchPool(
+            threads, lambda job: fetch_and_publish(fetcher, writer, job, gate), gate
+        )
 
     def _fetched(self, done: Done[Record]) -> None:
         self._events.put(("fetched", (done,)))
+        if self._gate is not None:
+            self._gate.delivered(done.value)
 
     def _published(self, done: Done[Record]) -> None:
         if done.value is not None:
@@ -406,6 +480,14 @@ class Pipeline:
         record.attempts = entry.attempts
         if record.error_code is ErrorCode.DISK_FULL:
             self._fatal(record, "disk full")
+            return
+        if record.error_code is ErrorCode.CANCELLED or (
+            self._stop.is_set() and record.error_code is ErrorCode.INTERNAL_ERROR
+        ):
+            # Cut short by the stop (or its worker process gone while stopping): an
+            # interrupted item is not a failed one; the next run fetches it.
+            self._report.unfinished += 1
+            self._drop(record)
             return
         if record.status is not Status.OK:
             self._retry_or_finish(entry, record, now)
@@ -445,6 +527,13 @@ class Pipeline:
     def _publish(self, record: Record) -> None:
         if record.error_code is ErrorCode.DISK_FULL:
             self._fatal(record, record.error_message or "disk full")
+            return
+        if record.error_code is ErrorCode.CANCELLED or (
+            self._stop.is_set() and record.error_code is ErrorCode.PROCESS_FAILED
+        ):
+            # The CPU stage was cancelled, or its workers went down with the stop.
+            self._report.unfinished += 1
+            self._drop(record)
             return
         if record.status is not Status.OK:
             self._finish_open(record)
@@ -493,21 +582,23 @@ class Pipeline:
         except DiskFullError as exc:
             # The journal cannot grow: stop. Rows not committed are fetched again next time,
             # and their files, already named, are adopted as identical then.
-            self._stop_for_disk_full(str(exc))
+            self._stop_run("disk_full", str(exc))
         self._report.add(record)
         self._observers.on_event(ItemFinished(record))
 
-    def _stop_for_disk_full(self, reason: str) -> None:
+    def _stop_run(self, kind: str, reason: str) -> None:
+        """A run-level failure: remember the first one and stop (exit code 2)."""
         if self._report.fatal is None:
             self._report.fatal = reason
+            self._report.fatal_kind = kind
         self.stop()
 
     def _fatal(self, record: Record, reason: str) -> None:
-        """A run-level failure (disk full): stop. The item that met it is not journaled, since
-        it did nothing wrong: the next run, with space freed, fetches it like any other."""
-        self._stop_for_disk_full(reason)
-        self._report.add(record)
-        self._observers.on_event(ItemFinished(record))
+        """A run-level failure (disk full): stop. The item that met it is neither journaled
+        nor counted as failed, since it did nothing wrong: it is unfinished, and the next run,
+        with space freed, fetches it like any other."""
+        self._stop_run("disk_full", reason)
+        self._report.unfinished += 1
         self._drop(record)
 
     def _drop(self, record: Record) -> None:
@@ -531,7 +622,7 @@ class Pipeline:
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer
 
-        return make_writer(self.out, self.options.output)
+        return make_writer(self.out, self.options.output, ledger=self._journal)
 
     def _make_image_stage(self) -> Any:
         if not self.options.image.active:
@@ -547,25 +638,40 @@ class Pipeline:
         """Stop the stages in data-flow order, publishing what finished unless cancelling."""
         pool = self._pool
         pool.shutdown(cancel=cancel)
-        self._drain_events(cancel)
+        self._drain_events()
         if self._images is not None:
             self._images.close(cancel=cancel)
-            self._drain_events(cancel)
+            self._drain_events()
         if self._publishers is not None:
             self._publishers.shutdown(cancel=cancel)
-            self._drain_events(cancel)
+            self._drain_events()
         for record in self._writer.close():
             self._finish_open(record)
         if self._fetcher is not None:
             self._fetcher.close()
 
-    def _drain_events(self, cancel: bool) -> None:
-        while not cancel:
+    def _drain_events(self) -> None:
+        """Handle every result already queued: even when cancelling, what is finished gets
+        its journal row (only waiting for more is skipped)."""
+        while True:
             try:
                 kind, payload = self._events.get_nowait()
             except queue.Empty:
                 return
             self._handle(kind, payload)
+
+
+def _describe(source: Source) -> tuple[str | None, int | None]:
+    """The input's name and size for the journal's ``runs`` table, when it has them."""
+    if isinstance(source, str | os.PathLike):
+        if str(source) == "-":
+            return "<stdin>", None
+        path = Path(source)
+        try:
+            return str(path.resolve()), path.stat().st_size
+        except OSError:
+            return str(path), None
+    return None, None
 
 
 def _duplicate(job: Job, first: Job | Record, status: Status, path: str | None = None) -> Record:

@@ -241,8 +241,8 @@ class TaskPool(Generic[T]):
             self._in_flight -= 1
         return done
 
-    def shutdown(self, *, cancel: bool = False) -> None:
-        """Stop accepting work and wait for running tasks.
+    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
+        """Stop accepting work and wait for running tasks (unless ``wait`` is False).
 
         ``cancel=False`` lets every queued task run (sequential mode runs them here);
         ``cancel=True`` drops queued tasks without delivering them. Idempotent.
@@ -250,7 +250,7 @@ class TaskPool(Generic[T]):
         with self._lock:
             self._closed = True
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor.shutdown(wait=wait, cancel_futures=cancel)
             return
         if cancel:
             with self._lock:

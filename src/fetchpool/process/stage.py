@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
-import signal
 import threading
 import time
 import warnings
@@ -55,6 +55,7 @@ from PIL import Image
 
 from fetchpool import fsutil
 from fetchpool.config import ImageConfig
+from fetchpool.lifeline import follow_parent
 from fetchpool.models import ErrorCode, Record, Status
 from fetchpool.process.images import ImageResult, configure_pillow, process_image
 
@@ -74,13 +75,18 @@ _started: SimpleQueue[tuple[int, float]] | None = None
 
 
 def _init_worker(
-    max_pixels: int, memory_limit: int | None, started: SimpleQueue[tuple[int, float]]
+    max_pixels: int,
+    memory_limit: int | None,
+    started: SimpleQueue[tuple[int, float]],
+    parent_pid: int,
 ) -> None:
-    """Runs once in each worker: Pillow limits, address-space cap, Ctrl-C left to the parent."""
+    """Runs once in each worker: Pillow limits, address-space cap, signals left to the parent,
+    and an exit when the parent is gone (:mod:`fetchpool.lifeline`)."""
     global _started  # noqa: PLW0603 - per-process state set by the pool initializer
     _started = started
-    # Ctrl-C reaches the whole process group; the parent decides whether to finish or cancel.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and SIGTERM reach the whole process group; the parent decides whether to finish
+    # or cancel, and kills its workers itself when it must.
+    follow_parent(parent_pid)
     configure_pillow(max_pixels)
     # process_image also does this per call; here it covers any processor the pool runs.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -309,7 +315,12 @@ class ImageStage:
                 max_workers=self._workers,
                 mp_context=ctx,
                 initializer=_init_worker,
-                initargs=(self._config.max_pixels, self._config.memory_limit, started),
+                initargs=(
+                    self._config.max_pixels,
+                    self._config.memory_limit,
+                    started,
+                    os.getpid(),
+                ),
             )
             self._pool = _Pool(executor, started)
         return self._pool

@@ -43,7 +43,13 @@ def render_summary(report: Report, console: Console) -> None:
         f"(sum of per-item times {report.busy:.2f} s / wall {report.wall:.2f} s)"
     )
     if report.fatal:
-        console.print(f"[bold red]stopped early: {report.fatal}[/bold red]")
+        kind = f"{report.fatal_kind}: " if report.fatal_kind else ""
+        console.print(f"[bold red]stopped early: {kind}{report.fatal}[/bold red]")
     elif report.interrupted:
         console.print("[yellow]interrupted: state saved; run the same command to resume[/yellow]")
+    if report.unfinished:
+        console.print(
+            f"{report.unfinished:,} items were under way when the run stopped; they are not "
+            "journaled, and the next run of the same command fetches them"
+        )
     console.print(f"output: {report.out}   state: {report.out / '.fetchpool' / 'state.db'}")
