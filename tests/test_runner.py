@@ -8,10 +8,12 @@ not fast from slow.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -81,11 +83,26 @@ def test_unordered_yields_completion_order_threads() -> None:
     assert r.gain > 2
 
 
-def test_unordered_yields_completion_order_processes() -> None:
-    # Spawned workers start at different moments; the steps are wide enough to absorb that.
-    sleeps = [1.0, 0.8, 0.6, 0.4, 0.2]
-    r = run(nap, sleeps, mode="processes", workers=5, ordered=False)
-    assert list(r) == sorted(sleeps)
+def finish_after(args: tuple[str, int]) -> int:
+    """Finish 0.3 s after task ``value - 1`` has (marker files): the completion order is set
+    by the tasks, not by when each spawned worker happened to start."""
+    folder, value = args
+    if value > 1:
+        while not os.path.exists(os.path.join(folder, str(value - 1))):
+            time.sleep(0.01)
+        time.sleep(0.3)
+    with open(os.path.join(folder, str(value)), "w"):
+        pass
+    return value
+
+
+def test_unordered_yields_completion_order_processes(tmp_path: Path) -> None:
+    # Spawned workers start at different moments (seconds apart on a loaded machine), so
+    # durations measured from each task's start would not fix the order: markers do.
+    values = [5, 4, 3, 2, 1]
+    r = run(finish_after, [(str(tmp_path), v) for v in values], mode="processes", workers=5,
+            ordered=False)  # fmt: skip
+    assert list(r) == sorted(values)
 
 
 def test_unordered_sequential_is_submission_order() -> None:
