@@ -287,3 +287,50 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
     src = url_file(tmp_path / "urls.txt", ["http://example.com/a.jpg"])
     result = fetchpool("get", src, "-o", tmp_path / "out", "--shard", "3/3")
     assert result.returncode == 2 and "K/N" in result.stderr
+
+
+_FULL_DISK_CLI = """
+import errno, sys
+from fetchpool import fsutil
+real_create, real_write = fsutil.create_temp_fd, fsutil.write_all
+state = {"files": 0, "doomed": None}
+def create_temp_fd(directory, *args):
+    fd, path = real_create(directory, *args)
+    state["files"] += 1
+    if state["files"] == 3:
+        state["doomed"] = fd
+    return fd, path
+def write_all(fd, data):
+    if fd == state["doomed"]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_write(fd, data)
+fsutil.create_temp_fd, fsutil.write_all = create_temp_fd, write_all
+from fetchpool.cli import main
+sys.argv[0] = "fetchpool"
+main()
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_full_disk_is_said_on_stderr_whatever_the_verbosity(
+    origin: Origin, tmp_path: Path, quiet: bool
+) -> None:
+    """The disk fills up while the third body is written: exit 2 and one clear line on
+    stderr, with -q too (it used to exit 2 silently); nothing journaled as disk_full."""
+    src = url_file(tmp_path / "urls.txt", [origin.url(f"/bytes/{5000 + i}") for i in range(10)])
+    out = tmp_path / "out"
+    args = ["get", str(src), "-o", str(out), "--allow-private-networks", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CLI, *args, *(["-q"] if quiet else [])],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "disk_full" in done.stderr and "no space left" in done.stderr.lower()
+    if not quiet:
+        assert "under way" in done.stderr, "the summary says the item is not lost"
+    from fetchpool.state.journal import iter_journal
+
+    assert {r.error_code for r in iter_journal(out)} == {None}
+    again = fetchpool("get", src, "-o", out, "--allow-private-networks", "-q")
+    assert again.returncode == 0, again.stderr
+    assert len([r for r in iter_journal(out) if r.ok]) == 10

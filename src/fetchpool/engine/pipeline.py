@@ -479,7 +479,7 @@ class Pipeline:
         self._scheduler.release(entry.host, now)
         record.attempts = entry.attempts
         if record.error_code is ErrorCode.DISK_FULL:
-            self._fatal(record, "disk full")
+            self._fatal(record, record.error_message or "disk full")
             return
         if record.error_code is ErrorCode.CANCELLED or (
             self._stop.is_set() and record.error_code is ErrorCode.INTERNAL_ERROR
