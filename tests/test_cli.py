@@ -334,3 +334,41 @@ def test_a_full_disk_is_said_on_stderr_whatever_the_verbosity(
     again = fetchpool("get", src, "-o", out, "--allow-private-networks", "-q")
     assert again.returncode == 0, again.stderr
     assert len([r for r in iter_journal(out) if r.ok]) == 10
+
+
+def test_the_summary_says_what_to_do_in_unwrapped_lines(origin: Origin, tmp_path: Path) -> None:
+    """Blocked by the guard, then allowed: the first summary names the option, the second
+    says --retry-failed (the failures were kept); off a terminal nothing is wrapped."""
+    src = url_file(tmp_path / "urls.txt", [origin.image_url(n) for n in range(3)])
+    out = tmp_path / ("a-long-output-folder-name-" * 4)
+    first = fetchpool("get", src, "-o", out)
+    assert first.returncode == 1
+    assert "blocked_address" in first.stderr and "--allow-private-networks" in first.stderr
+    assert f"fetchpool manifest {out} --status failed" in first.stderr
+    state_lines = [line for line in first.stderr.splitlines() if line.startswith("output: ")]
+    assert state_lines == [f"output: {out}   state: {out / '.fetchpool' / 'state.db'}"]
+    gains = [line for line in first.stderr.splitlines() if "concurrency gain" in line]
+    assert len(gains) == 1 and gains[0].startswith("0 B downloaded") and gains[0].endswith(" s)")
+    second = fetchpool("get", src, "-o", out, "--allow-private-networks")
+    assert second.returncode == 1
+    assert "3 items failed in an earlier run" in second.stderr and "--retry-failed" in second.stderr
+    assert "--allow-private-networks or" not in second.stderr, "no hint for the fixed cause"
+    third = fetchpool("get", src, "-o", out, "--allow-private-networks", "--retry-failed")
+    assert third.returncode == 0, third.stderr
+
+
+def test_http_errors_are_split_by_status_in_the_summary(origin: Origin, tmp_path: Path) -> None:
+    urls = [origin.url(f"/status/404?n={i}") for i in range(3)]
+    urls += [origin.url(f"/status/500?n={i}") for i in range(2)]
+    urls += [origin.url("/status/429")]
+    src = url_file(tmp_path / "urls.txt", urls)
+    done = fetchpool("get", src, "-o", tmp_path / "out", "--allow-private-networks",
+                     "--attempts", "1")  # fmt: skip
+    assert done.returncode == 1
+    rows = {
+        line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1]
+        for line in done.stderr.splitlines()
+        if line.startswith("http_error")
+    }
+    assert rows == {"http_error 404": "3", "http_error 500": "2", "http_error 429": "1"}
+    assert "lower --per-host or set --rate-per-host" in done.stderr

@@ -216,6 +216,15 @@ def test_resize_runs_in_the_process_pool(origin: Origin, tmp_path: Path) -> None
         with Image.open(out / record.path) as img:
             assert img.size == (64, 64) and img.format == "JPEG"
         assert (record.width, record.height) == (64, 64)
+    # What was downloaded and what was written are both kept (issue 11): the summary's
+    # "downloaded" counts the fetched bytes, the record says both.
+    fetched = {n: origin.image_bytes(n) for n in range(4)}
+    assert report.bytes == sum(len(b) for b in fetched.values())
+    for record in report.records(Status.OK):
+        body = fetched[int(record.url.rsplit("/", 1)[1].split(".")[0])]
+        assert record.fetched_bytes == len(body) and record.fetched_sha256 == sha(body)
+        written = (out / (record.path or "")).read_bytes()
+        assert record.bytes == len(written) < len(body) and record.sha256 == sha(written)
 
 
 def test_loopback_is_blocked_unless_allowed(origin: Origin, tmp_path: Path) -> None:

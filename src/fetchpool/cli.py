@@ -259,6 +259,8 @@ def _run_get(
         console = Console(stderr=True)
         if console.is_terminal:
             observers.append(ProgressBar(console))
+        else:  # a log or a pipe: one line per line, never wrapped at 80 columns (grep)
+            console = Console(stderr=True, width=100_000, soft_wrap=True)
     if verbose:
         from fetchpool.report.progress import ItemLog
 

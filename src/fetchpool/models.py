@@ -137,6 +137,10 @@ class Record:
     orig_width: int | None = None
     orig_height: int | None = None
     image_format: str | None = None
+    # What was downloaded, when the CPU stage wrote something else (``bytes`` and ``sha256``
+    # always describe the output); equal to them otherwise.
+    fetched_bytes: int | None = None
+    fetched_sha256: str | None = None
     # Transient: the fetched (or processed) body waiting to be published. Never persisted.
     temp_path: str | None = None
     # Transient: the file extension chosen for the body (".jpg"), set by fetch or process.

@@ -74,11 +74,15 @@ class Report:
     out: Path
     counts: dict[str, int] = field(default_factory=dict)  # by status
     errors: dict[str, int] = field(default_factory=dict)  # failed/skipped by error code
-    bytes: int = 0
+    #: ``http_error`` items by HTTP status: a 404 and a 500 call for different actions.
+    http_statuses: dict[int, int] = field(default_factory=dict)
+    bytes: int = 0  # downloaded by this run (as fetched, before any CPU-stage work)
     wall: float = 0.0
     busy: float = 0.0  # sum of per-attempt fetch times
     items: int = 0
     resumed: int = 0  # items already finished by an earlier run, not touched this time
+    resumed_failed: int = 0  # of those, failures kept as they are (no --retry-failed)
+    resumed_errors: dict[str, int] = field(default_factory=dict)  # their error codes
     interrupted: bool = False
     fatal: str | None = None  # a run-level failure that stopped the run early
     fatal_kind: str | None = None  # its stable word: "disk_full", "input_mismatch"
@@ -120,12 +124,20 @@ class Report:
     def add(self, record: Record, *, resumed: bool = False) -> None:
         self.items += 1
         self.counts[record.status] = self.counts.get(record.status, 0) + 1
-        if record.error_code is not None:
-            self.errors[record.error_code] = self.errors.get(record.error_code, 0) + 1
+        code = record.error_code
+        if code is not None:
+            self.errors[code] = self.errors.get(code, 0) + 1
+            if code is ErrorCode.HTTP_ERROR and record.http_status is not None:
+                status = record.http_status
+                self.http_statuses[status] = self.http_statuses.get(status, 0) + 1
         if resumed:
             self.resumed += 1
+            self.resumed_failed += record.status is Status.FAILED
+            if code is not None:
+                self.resumed_errors[code] = self.resumed_errors.get(code, 0) + 1
         elif record.status is Status.OK:
-            self.bytes += record.bytes
+            fetched = record.fetched_bytes
+            self.bytes += record.bytes if fetched is None else fetched
 
 
 @dataclass(slots=True)
@@ -478,6 +490,8 @@ class Pipeline:
         now = time.monotonic()
         self._scheduler.release(entry.host, now)
         record.attempts = entry.attempts
+        if record.status is Status.OK:  # before the CPU stage replaces bytes and sha256
+            record.fetched_bytes, record.fetched_sha256 = record.bytes, record.sha256
         if record.error_code is ErrorCode.DISK_FULL:
             self._fatal(record, record.error_message or "disk full")
             return

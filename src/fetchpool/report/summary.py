@@ -24,17 +24,74 @@ def headline(report: Report) -> str:
     return f"Finished {report.items:,} items in {report.wall:.2f} s ({rate:,.1f} items/s)"
 
 
+#: What to do about each kind of failure, in the CLI's words (shown when it occurred).
+HINTS: dict[str, str] = {
+    "blocked_address": (
+        "the address guard refuses loopback, private and link-local destinations; "
+        "--allow-private-networks or --allow-cidr CIDR lets them through"
+    ),
+    "tls_error": "the certificate was not trusted; --insecure skips the check (recorded)",
+    "too_large": "the body was larger than --max-bytes",
+    "image_too_large": "the image has more pixels (or frames) than --max-pixels allows",
+    "image_too_small": "the image is smaller than --min-size",
+    "connect_timeout": "no connection within --connect-timeout",
+    "read_timeout": "the server went silent for longer than --read-timeout",
+    "total_timeout": "the attempt took longer than --timeout",
+    "too_slow": "the transfer stayed below the minimum speed",
+    "too_many_redirects": "more redirects than --max-redirects",
+}
+#: HTTP statuses that ask the client to slow down.
+_SLOW_DOWN = {429, 503}
+
+
+def outcome_rows(report: Report) -> list[tuple[str, int]]:
+    """(outcome, items) rows: ok, then failures by error code, largest first, with
+    ``http_error`` split by status (a 404 and a 500 need different actions)."""
+    rows: list[tuple[str, int]] = []
+    for code, count in report.errors.items():
+        if code == "http_error" and report.http_statuses:
+            split = sum(report.http_statuses.values())
+            rows += [(f"http_error {s}", n) for s, n in report.http_statuses.items()]
+            if count > split:
+                rows.append(("http_error", count - split))
+        else:
+            rows.append((f"skipped: {code}" if code == "duplicate" else str(code), count))
+    rows.sort(key=lambda row: (-row[1], row[0]))
+    return [("ok", report.ok), *rows]
+
+
+def advice(report: Report) -> list[str]:
+    """What the user can do next, one line each (empty when all is well)."""
+    # Hints for what failed in this run; earlier failures get the --retry-failed line.
+    fresh = [c for c, n in report.errors.items() if n > report.resumed_errors.get(c, 0)]
+    lines = [f"{code}: {HINTS[code]}" for code in sorted(fresh) if code in HINTS]
+    slow = sum(n for s, n in report.http_statuses.items() if s in _SLOW_DOWN)
+    if slow:
+        lines.append(
+            f"http_error 429/503 ({slow:,}): the server asked to slow down; "
+            "lower --per-host or set --rate-per-host"
+        )
+    if report.resumed_failed:
+        lines.append(
+            f"{report.resumed_failed:,} items failed in an earlier run and were kept as they "
+            "are: add --retry-failed to try them again"
+        )
+    if report.failed:
+        lines.append(
+            f"every failure, with its message: fetchpool manifest {report.out} --status failed"
+        )
+    return lines
+
+
 def render_summary(report: Report, console: Console) -> None:
-    """Print the headline, outcomes by error code, bytes and the concurrency gain."""
+    """Print the headline, outcomes by error code, bytes, the concurrency gain and advice."""
     console.print(f"[bold]{headline(report)}[/bold]")
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("outcome")
     table.add_column("items", justify="right")
-    table.add_row("[green]ok[/green]", f"{report.ok:,}")
-    for code, count in sorted(report.errors.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(
-            f"[red]{code}[/red]" if code != "duplicate" else f"skipped: {code}", f"{count:,}"
-        )
+    for outcome, count in outcome_rows(report):
+        style = "green" if outcome == "ok" else "" if outcome.startswith("skipped") else "red"
+        table.add_row(f"[{style}]{outcome}[/{style}]" if style else outcome, f"{count:,}")
     if report.resumed:
         table.add_row("[dim]done by an earlier run[/dim]", f"{report.resumed:,}")
     console.print(table)
@@ -52,4 +109,6 @@ def render_summary(report: Report, console: Console) -> None:
             f"{report.unfinished:,} items were under way when the run stopped; they are not "
             "journaled, and the next run of the same command fetches them"
         )
+    for line in advice(report):
+        console.print(f"hint: {line}", highlight=False)
     console.print(f"output: {report.out}   state: {report.out / '.fetchpool' / 'state.db'}")

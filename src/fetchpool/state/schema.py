@@ -47,6 +47,8 @@ COLUMNS: dict[str, str] = {
     "orig_width": "INTEGER",
     "orig_height": "INTEGER",
     "image_format": "TEXT",
+    "fetched_bytes": "INTEGER",
+    "fetched_sha256": "TEXT",
 }
 
 JSON_COLUMNS = frozenset({"meta", "redirects"})
@@ -56,8 +58,8 @@ _ROW_MARKS = f"({', '.join('?' for _ in NAMES)})"
 _ON_CONFLICT = "ON CONFLICT(position) DO UPDATE SET " + ", ".join(
     f"{n} = excluded.{n}" for n in NAMES if n != "position"
 )
-#: Rows per multi-row upsert: 40 x 23 columns = 920 bound values, under the 999 of old builds.
-UPSERT_ROWS = 40
+#: Rows per multi-row upsert: as many as keep the bound values under the 999 of old builds.
+UPSERT_ROWS = 999 // len(NAMES)
 
 
 @functools.lru_cache(maxsize=UPSERT_ROWS)
