@@ -28,6 +28,7 @@ failures) and exit at once when their pipe closes or their parent is gone
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -268,6 +269,15 @@ class ProcessFetchPool:
         ]
         for reader in self._readers:
             reader.start()
+        # Workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then join)
+        # would wait for them forever if shutdown() never ran (an exception, a second
+        # KeyboardInterrupt during it): kill them at interpreter exit instead.
+        atexit.register(self._kill)
+
+    def _kill(self) -> None:
+        for worker in self._workers:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                worker.process.kill()
 
     @property
     def in_flight(self) -> int:
@@ -304,8 +314,10 @@ class ProcessFetchPool:
                 for task_id, _job in batch:
                     self._lost(worker, task_id)
 
-    def shutdown(self, *, cancel: bool = False) -> None:
-        """Stop the workers: after their in-flight jobs are delivered, or at once (cancel)."""
+    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
+        """Stop the workers: after their in-flight jobs are delivered, or at once (cancel;
+        a killed worker cannot be waited for, so ``wait`` changes nothing)."""
+        atexit.unregister(self._kill)
         for worker in self._workers:
             with worker.send_lock, contextlib.suppress(OSError):
                 worker.conn.send(None)

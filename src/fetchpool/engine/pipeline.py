@@ -164,7 +164,9 @@ class _FetchPool(Protocol):
     def flush(self) -> None:
         """Start what was submitted, if ``submit`` only queued it."""
 
-    def shutdown(self, *, cancel: bool = False) -> None: ...
+    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
+        """Stop: after the in-flight attempts are delivered, or dropping them (``cancel``);
+        ``wait=False`` (with ``cancel``) does not wait for attempts that cannot be stopped."""
 
 
 class _ThreadFetchPool:
@@ -185,12 +187,12 @@ class _ThreadFetchPool:
     def flush(self) -> None:
         """Nothing to do: a thread starts on its job when it is submitted."""
 
-    def shutdown(self, *, cancel: bool = False) -> None:
-        """Wait for the fetch threads, or, cancelling, publish nothing more and leave them to
-        end their attempts (bounded by the timeouts) unheard."""
+    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
+        """Wait for the fetch threads; cancelling, publish nothing more first. With
+        ``wait=False`` the threads end their attempts (bounded by the timeouts) unheard."""
         if cancel and self._gate is not None:
             self._gate.close()
-        self._pool.shutdown(cancel=cancel, wait=not cancel)
+        self._pool.shutdown(cancel=cancel, wait=wait or not cancel)
 
 
 class Pipeline:
@@ -291,6 +293,7 @@ class Pipeline:
             )
         self._fetcher: Fetcher | None = None
         self._gate: PublishGate | None = None
+        self._cancelling = False
         self._pool = self._make_fetch_pool()
         cancel = False
         try:
@@ -309,7 +312,7 @@ class Pipeline:
                 self._report.interrupted = self._report.fatal is None
                 self._settle()
                 return
-            while not exhausted and self._room() > 0:
+            while not exhausted and self._room() > 0 and not self._stop.is_set():
                 wanted = min(self._room(), ADMIT_BATCH)
                 batch = list(itertools.islice(items, wanted))
                 exhausted = len(batch) < wanted
@@ -323,7 +326,8 @@ class Pipeline:
         """After a stop: handle the results of the work in flight as they come, until there
         is none left or the stop is hurried (then :meth:`_shutdown` abandons the rest)."""
         while not self._hurry.is_set() and self._busy():
-            self._wait_for_events()
+            # Nothing is dispatched any more: retries due now must not make this spin.
+            self._wait_for_events(wake=1.0)
 
     def _busy(self) -> bool:
         stages = (self._pool, self._images, self._publishers)
@@ -337,8 +341,9 @@ class Pipeline:
             return 0
         return free
 
-    def _wait_for_events(self) -> None:
-        wake = self._scheduler.next_wakeup(time.monotonic())
+    def _wait_for_events(self, wake: float | None = None) -> None:
+        if wake is None:
+            wake = self._scheduler.next_wakeup(time.monotonic())
         try:
             kind, payload = self._events.get(timeout=min(wake, 1.0) if wake is not None else 1.0)
         except queue.Empty:
@@ -365,12 +370,14 @@ class Pipeline:
         """Admit items with two journal queries per batch, not two per item."""
         jobs = [item for item in batch if isinstance(item, Job)]
         priors = self._journal.get_many([item.position for item in batch])
-        earlier = self._journal.find_ok_by_urls([job.url for job in jobs])
-        for item in batch:
+        for item in batch:  # the whole batch first: a refused input leaves no row at all
             prior = priors.get(item.position)
             if prior is not None and prior.url != (item.url if isinstance(item, Job) else item.raw):
                 self._refuse_input(item, prior)
                 return
+        earlier = self._journal.find_ok_by_urls([job.url for job in jobs])
+        for item in batch:
+            prior = priors.get(item.position)
             if isinstance(item, BadInput):
                 if prior is None:
                     self._finish(Record.for_bad_input(item))
@@ -500,12 +507,14 @@ class Pipeline:
         ):
             # Cut short by the stop (or its worker process gone while stopping): an
             # interrupted item is not a failed one; the next run fetches it.
-            self._report.unfinished += 1
             self._drop(record)
             return
         if record.status is not Status.OK:
             self._retry_or_finish(entry, record, now)
         elif self._images is not None:
+            if self._cancelling:  # the CPU stage is being cancelled: late results are dropped
+                self._drop(record)
+                return
             self._images.submit(record)
         else:
             self._publish(record)
@@ -546,7 +555,6 @@ class Pipeline:
             self._stop.is_set() and record.error_code is ErrorCode.PROCESS_FAILED
         ):
             # The CPU stage was cancelled, or its workers went down with the stop.
-            self._report.unfinished += 1
             self._drop(record)
             return
         if record.status is not Status.OK:
@@ -612,14 +620,17 @@ class Pipeline:
         nor counted as failed, since it did nothing wrong: it is unfinished, and the next run,
         with space freed, fetches it like any other."""
         self._stop_run("disk_full", reason)
-        self._report.unfinished += 1
         self._drop(record)
 
     def _drop(self, record: Record) -> None:
-        """Forget an open item without journaling it (and the duplicates waiting on it)."""
+        """Forget an open item without journaling it (and the duplicates waiting on it): it
+        is unfinished, and the next run fetches it."""
         entry = self._open.pop(record.url, None)
         fsutil.discard(record.temp_path)
-        if entry is not None and not entry.parked:
+        if entry is None:
+            return
+        self._report.unfinished += 1 + len(entry.waiters)
+        if not entry.parked:
             self._open_items -= 1 + len(entry.waiters)
 
     # -- stages ------------------------------------------------------------------------------
@@ -649,20 +660,39 @@ class Pipeline:
         return ImageStage(self.options.image, self.out / ".fetchpool" / "tmp", done)
 
     def _shutdown(self, *, cancel: bool) -> None:
-        """Stop the stages in data-flow order, publishing what finished unless cancelling."""
-        pool = self._pool
-        pool.shutdown(cancel=cancel)
-        self._drain_events()
-        if self._images is not None:
-            self._images.close(cancel=cancel)
+        """Stop the stages in data-flow order, journaling what finished.
+
+        Cancelling, stages drop their queued and running work (a hurried stop does not even
+        wait for the fetch threads: the CLI leaves right after). Whatever was admitted and
+        is not journaled in the end is counted unfinished: the next run fetches it.
+        """
+        self._cancelling = cancel
+        try:
+            self._pool.shutdown(cancel=cancel, wait=not self._hurry.is_set())
             self._drain_events()
-        if self._publishers is not None:
-            self._publishers.shutdown(cancel=cancel)
-            self._drain_events()
-        for record in self._writer.close():
-            self._finish_open(record)
-        if self._fetcher is not None:
-            self._fetcher.close()
+            if self._images is not None:
+                self._images.close(cancel=cancel)
+                self._drain_events()
+            if self._publishers is not None:
+                self._publishers.shutdown(cancel=cancel)
+                self._drain_events()
+            try:
+                for record in self._writer.close():
+                    self._finish_open(record)
+            except DiskFullError as exc:
+                self._stop_run("disk_full", str(exc))
+            except OutputError as exc:  # the last shard is lost; its items are unfinished
+                self._stop_run("output_error", str(exc))
+        finally:
+            if self._fetcher is not None:
+                self._fetcher.close()
+            # Started and abandoned (a hurried stop, a lost last shard); items read but
+            # never dispatched were not under way and are simply read again next time.
+            self._report.unfinished += sum(
+                1 + len(entry.waiters)
+                for entry in self._open.values()
+                if entry.parked or entry.attempts > 0
+            )
 
     def _drain_events(self) -> None:
         """Handle every result already queued: even when cancelling, what is finished gets

@@ -213,7 +213,11 @@ class ShardedWriter(ABC):
             try:
                 published = fsutil.publish(temp, final)
             except BaseException:
-                self._unstage(name, records)
+                # Failed before the link: unstage. After it (removing the temp name or
+                # syncing the folder failed, an interrupt), the shard has its name: its
+                # staged rows stay, and the next open of the journal settles them.
+                if not os.path.lexists(final):
+                    self._unstage(name, records)
                 raise
             if published:
                 return

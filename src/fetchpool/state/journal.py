@@ -39,6 +39,7 @@ log = logging.getLogger("fetchpool")
 BATCH_ROWS = 500
 BATCH_SECONDS = 1.0
 _URL = schema.NAMES.index("url")
+_STATUS = schema.NAMES.index("status")
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -481,7 +482,14 @@ class Journal:
             self._last_commit = time.monotonic()
             return
         rows = list(self._pending.values())
-        staged = [p for p in self._pending if p in self._staged] if self._staged else []
+        # A staged row's copy goes once its row is in ``records`` as ok; a staged item that
+        # ends otherwise (its shard failed after it had its name) keeps its staged copy, for
+        # the next open to settle against the shard on disk.
+        staged = (
+            [p for p, row in self._pending.items() if p in self._staged and row[_STATUS] == "ok"]
+            if self._staged
+            else []
+        )
         if self.before_commit is not None:
             try:
                 self.before_commit()
