@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from fetchpool.config import FetchConfig
+from fetchpool.fetch import HttpFetcher
 from fetchpool.fetch import transport as transport_module
 from fetchpool.origin import Origin
 
@@ -36,3 +39,26 @@ def spy_connect(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
     monkeypatch.setattr(transport_module, "open_socket", spy)
     return attempts
+
+
+@pytest.fixture
+def tmp_dir(tmp_path: Path) -> Path:
+    """A run's temp folder for fetchers under test."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def fetcher_factory(tmp_dir: Path) -> Iterator[Callable[..., HttpFetcher]]:
+    """``factory(config, **kwargs)``: an HttpFetcher over ``tmp_dir``, closed after the test."""
+    made: list[HttpFetcher] = []
+
+    def make(config: FetchConfig, **kwargs: object) -> HttpFetcher:
+        fetcher = HttpFetcher(config, tmp_dir, **kwargs)  # type: ignore[arg-type]
+        made.append(fetcher)
+        return fetcher
+
+    yield make
+    for fetcher in made:
+        fetcher.close()

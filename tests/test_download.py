@@ -323,3 +323,22 @@ def test_each_published_file_is_fsynced_once_and_shard_inputs_never(
         assert len(regular) == 10
     else:  # the shard itself is fsynced when it is closed
         assert 1 <= len(regular) < 10
+
+
+def test_a_stall_before_the_head_and_one_in_the_body_are_told_apart(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Both are total_timeout, but they call for different actions (an overloaded server, a
+    slow transfer): the message and the summary say which."""
+    from fetchpool.report.summary import outcome_rows
+
+    urls = [origin.url("/drip?bytes=100&interval=0.3"), origin.url("/img/1.jpg?latency=3")]
+    report = download(urls, tmp_path / "out", total_timeout=1.5, read_timeout=5, attempts=1,
+                      **LOOPBACK)  # fmt: skip
+    body, head = sorted(report.records(), key=lambda r: r.position)
+    assert body.error_code is head.error_code is ErrorCode.TOTAL_TIMEOUT
+    assert (body.error_message or "").endswith("while the body was arriving")
+    assert (head.error_message or "").endswith("before the server answered")
+    assert report.breakdown == {"total_timeout": {"in the body": 1, "no response": 1}}
+    rows = dict(outcome_rows(report))
+    assert rows["total_timeout (in the body)"] == rows["total_timeout (no response)"] == 1

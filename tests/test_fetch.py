@@ -47,24 +47,11 @@ CONFIG = FetchConfig(
 
 
 @pytest.fixture
-def tmp_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def make_fetcher(tmp_dir: Path) -> Iterator[Callable[..., HttpFetcher]]:
-    made: list[HttpFetcher] = []
-
+def make_fetcher(fetcher_factory: Callable[..., HttpFetcher]) -> Callable[..., HttpFetcher]:
     def make(config: FetchConfig = CONFIG, **kwargs: object) -> HttpFetcher:
-        fetcher = HttpFetcher(config, tmp_dir, **kwargs)  # type: ignore[arg-type]
-        made.append(fetcher)
-        return fetcher
+        return fetcher_factory(config, **kwargs)
 
-    yield make
-    for fetcher in made:
-        fetcher.close()
+    return make
 
 
 def job(url: str, position: int = 0) -> Job:
@@ -364,6 +351,53 @@ def test_garbage_and_empty_replies(make_fetcher, tmp_dir: Path, payload: bytes) 
 
 
 # -- time limits ------------------------------------------------------------------------------
+
+
+def test_control_characters_in_recorded_header_values_become_spaces(make_fetcher) -> None:
+    # NUL, ESC (a terminal escape), DEL and a C1 control (latin-1 byte 0x85) in Content-Type.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(JPEG)
+    head += b"Content-Type: image/jpeg\x00\x1b[2J; q=\x7f\x85x\r\n\r\n"
+    with FaultServer(one_response(head + JPEG)) as server:
+        record = make_fetcher().fetch(job(server.url("/c")))
+    assert record.ok, record.error_message
+    assert record.content_type == "image/jpeg [2J; q= x"
+    assert record.extension == ".jpg"
+
+
+def test_control_characters_in_the_reason_never_reach_the_message(make_fetcher) -> None:
+    payload = b"HTTP/1.1 404 Not\x00Found\x1b[0m\r\nContent-Length: 0\r\n\r\n"
+    with FaultServer(one_response(payload)) as server:
+        record = make_fetcher().fetch(job(server.url("/r")))
+    assert record.error_code is ErrorCode.HTTP_ERROR
+    assert record.error_message == "HTTP 404 Not Found [0m"
+
+
+def test_a_huge_content_type_is_recorded_cut_short(make_fetcher) -> None:
+    value = "image/jpeg; " + "x" * 20_000
+    with FaultServer(one_response(response(200, JPEG, {"Content-Type": value}))) as server:
+        record = make_fetcher().fetch(job(server.url("/h")))
+    assert record.ok and record.content_type == value[:1024]
+
+
+def test_journal_and_csv_manifest_hold_no_control_characters(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from fetchpool import download
+    from fetchpool.state.manifest import export_manifest
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(JPEG)
+    head += b"Content-Type: image/jpeg\x00<script>\r\n\r\n"
+    with FaultServer(serve_forever_keepalive(lambda _: head + JPEG)) as server:
+        out = tmp_path / "out"
+        report = download([server.url("/a.jpg")], out, allow_private_networks=True)
+    (record,) = report.records()
+    assert record.ok and record.content_type == "image/jpeg <script>"
+    text = io.StringIO()
+    export_manifest(out, text, fmt="csv")
+    assert "\x00" not in text.getvalue()
+    (row,) = csv.DictReader(io.StringIO(text.getvalue()))
+    assert row["content_type"] == "image/jpeg <script>"
 
 
 def hang(sock: socket.socket, server: FaultServer) -> None:

@@ -194,3 +194,66 @@ def test_writer_creates_missing_tmp_for_sidecars(tmp_path: Path) -> None:
     FilesWriter(out, sidecar=True).write(record)
     assert record.ok
     assert tmp_dir(out).is_dir()
+
+
+def test_sidecar_has_exactly_the_manifest_columns(out: Path) -> None:
+    from fetchpool.state import schema
+
+    record = fetched(out)
+    record.attempts, record.temp_synced = 2, False
+    FilesWriter(out, sidecar=True).write(record)
+    key = str(record.path).rsplit(".", 1)[0]
+    data = json.loads((out / f"{key}.json").read_text())
+    assert list(data) == list(schema.NAMES)  # temp_synced, temp_path... are not columns
+    assert data["attempts"] == 2 and data["status"] == "ok"
+    assert data["final_url"] == "http://alice:***@a.example/photos/cat.jpg"
+    assert record.url == URL  # the record itself is not redacted: it is the item's identity
+
+
+def _manifest_rows(out: Path) -> list[dict[str, object]]:
+    import io
+
+    from fetchpool.state.manifest import export_manifest
+
+    text = io.StringIO()
+    export_manifest(out, text)
+    return [json.loads(line) for line in text.getvalue().splitlines()]
+
+
+def _sidecar_of(out: Path, row: dict[str, object]) -> dict[str, object]:
+    key = str(row["path"]).rsplit(".", 1)[0]
+    return json.loads((out / f"{key}.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_sidecar_equals_its_manifest_row_after_the_image_stage(tmp_path: Path) -> None:
+    from fetchpool import download
+    from fetchpool.origin import Origin
+
+    out = tmp_path / "images"
+    with Origin() as origin:
+        report = download(
+            [origin.image_url(n) for n in range(3)],
+            out,
+            sidecar=True,
+            verify=True,
+            processes=1,
+            allow_private_networks=True,
+        )
+    assert report.ok == 3
+    for row in _manifest_rows(out):
+        assert row["attempts"] == 1
+        assert _sidecar_of(out, row) == row
+
+
+def test_sidecar_equals_its_manifest_row_when_the_fetch_thread_publishes(
+    tmp_path: Path,
+) -> None:
+    from fetchpool import download
+    from fetchpool.origin import Origin
+
+    out = tmp_path / "files"
+    with Origin() as origin:
+        download([origin.image_url(1)], out, sidecar=True, allow_private_networks=True)
+    (row,) = _manifest_rows(out)
+    assert row["attempts"] == 1
+    assert _sidecar_of(out, row) == row

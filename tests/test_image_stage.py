@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from PIL import Image
 from fetchpool.config import ImageConfig
 from fetchpool.models import ErrorCode, Record, Status
 from fetchpool.process import ImageResult, ImageStage, process_image
+from test_images_corrupt import tiff_deflate_garbage, tiff_with_absurd_samples_per_pixel
 
 pytestmark = pytest.mark.slow
 
@@ -195,3 +198,49 @@ def test_cancel_interrupts_a_finishing_close(tmp_path: Path) -> None:
     assert not finishing.is_alive() and time.monotonic() - began < 10.0
     assert {r.error_code for r in collector.records} == {ErrorCode.CANCELLED}
     assert len(collector.records) == 2
+
+
+def test_decoder_noise_never_reaches_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    noisy = src / "deflate-garbage.tif"  # libtiff prints "ZIPDecode: Decoding error ..." on fd 2
+    noisy.write_bytes(tiff_deflate_garbage())
+    logged = src / "samples.tif"  # Pillow logs "More samples per pixel ..." at error level
+    logged.write_bytes(tiff_with_absurd_samples_per_pixel())
+    # The premise, in this process (nothing quieted here): the file does make libtiff print.
+    control = process_image(str(noisy), str(tmp_path), ImageConfig(verify=True))
+    assert control.error_code is ErrorCode.NOT_AN_IMAGE
+    if "ZIPDecode" not in capfd.readouterr().err:
+        pytest.skip("this libtiff build prints nothing for the fixture")
+    noisy.write_bytes(tiff_deflate_garbage())  # the stage discards what it fails
+    collector = Collector()
+    stage = _stage(tmp_path, collector, verify=True, processes=1)
+    records = [_record(0, noisy), _record(1, logged), _record(2, _jpeg(src / "fine.jpg"))]
+    for record in records:
+        stage.submit(record)
+    stage.close()
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    done = collector.by_position()
+    assert done[0].error_code is ErrorCode.NOT_AN_IMAGE, done[0]
+    assert (done[0].error_message or "").startswith("TIFF decoder: ")
+    assert done[1].error_code is ErrorCode.NOT_AN_IMAGE, done[1]
+    assert done[2].ok, done[2]
+
+
+def test_quiet_native_stderr_keeps_python_output() -> None:
+    code = (
+        "import logging, os, sys\n"
+        "from fetchpool.process.images import quiet_native_stderr\n"
+        "quiet_native_stderr()\n"
+        "os.write(2, b'from C\\n')\n"
+        "logging.getLogger('PIL.TiffImagePlugin').error('from Pillow')\n"
+        "print('from Python', file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "from Python\n"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import io
 import itertools
 import json
+import subprocess
 import sys
 import tracemalloc
 from collections.abc import Iterator
@@ -350,19 +352,23 @@ def test_csv_invalid_utf8_row(tmp_path: Path) -> None:
     assert found[0].line == 2
 
 
-def test_csv_oversized_field_is_a_bad_row(tmp_path: Path) -> None:
+def test_csv_field_over_the_record_bound_is_a_bad_row(tmp_path: Path) -> None:
+    from fetchpool.inputs import MAX_LINE_BYTES
+
     src = tmp_path / "in.csv"
-    src.write_text('url,c\nhttp://a.example/1,"' + "y" * 200_000 + '"\nhttp://a.example/2,ok\n')
+    huge = "y" * (MAX_LINE_BYTES + 10)
+    src.write_text(f'url,c\nhttp://a.example/1,"{huge}"\nhttp://a.example/2,ok\n')
     found = items(src)
     assert isinstance(found[0], BadInput)
+    assert found[0].code is ErrorCode.BAD_INPUT and found[0].line == 2
     assert isinstance(found[1], Job)
-    assert found[1].position == 1
+    assert (found[1].position, found[1].line) == (1, 3)
 
 
 def test_csv_missing_url_column(tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_text("link,title\nhttp://a.example/1,t\n")
-    with pytest.raises(InputError, match=r"no 'url' column.*'link'.*url_column"):
+    with pytest.raises(InputError, match=r"no column 'url'.*'link'.*--url-column.*url_column="):
         read_input(src)
 
 
@@ -591,3 +597,197 @@ def test_jsonl_reader_memory_is_flat(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert count == 50_000
     assert peak < 3_000_000
+
+
+# --------------------------------------------------------------------------- messages (issue 11)
+
+
+def _cli(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fetchpool", *map(str, args)],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _one_input_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fetchpool: input_error: "), lines
+    return lines[0]
+
+
+def test_cli_missing_column_names_the_option(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("link,title\nhttp://a.example/1,t\n")
+    line = _one_input_error(_cli("get", src, "-o", tmp_path / "out", "-q"))
+    assert "has no column 'url' (columns: 'link', 'title')" in line
+    assert "--url-column" in line and "pass url_column=" not in line
+
+
+def test_cli_unknown_format_names_the_option(tmp_path: Path) -> None:
+    src = tmp_path / "urls.dat"
+    src.write_text("http://a.example/1\n")
+    line = _one_input_error(_cli("get", src, "-o", tmp_path / "out", "-q"))
+    assert "cannot tell the format" in line and "--input-format" in line
+    assert "pass format=" not in line
+
+
+def test_cli_missing_column_on_stdin(tmp_path: Path) -> None:
+    result = _cli(
+        "get", "-", "--input-format", "jsonl", "-o", tmp_path / "out", "-q",
+        stdin=b'{"link": "http://a.example/1"}\n',
+    )  # fmt: skip
+    line = _one_input_error(result)
+    assert "<stdin>: the first object (line 1) has no column 'url'" in line
+    assert "--url-column" in line
+
+
+@pytest.mark.parametrize("case", ["missing column", "garbage", "missing file"])
+def test_cli_input_error_creates_no_output_folder(tmp_path: Path, case: str) -> None:
+    src = tmp_path / "in.csv"
+    if case == "missing column":
+        src.write_text("link\nhttp://a.example/1\n")
+    elif case == "garbage":
+        src.write_bytes(b"\x00" * 1000)
+    out = tmp_path / "out"
+    _one_input_error(_cli("get", src, "-o", out, "-q"))
+    assert not out.exists()
+
+
+def test_library_messages_name_option_and_keyword(tmp_path: Path) -> None:
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text("URL,TEXT\nhttp://a.example/1,t\n")
+    with pytest.raises(InputError) as caught:
+        read_input(csv_file)
+    assert str(caught.value).endswith(
+        "choose the URL column with --url-column (url_column= in Python); "
+        "perhaps --url-column URL (url_column='URL')"
+    )
+    with pytest.raises(InputError, match=r"--input-format \(format= in Python\)"):
+        read_input(csv_file, format="xml")
+    headerless = tmp_path / "list.csv"
+    headerless.write_text("http://a.example/1,cat\n")
+    with pytest.raises(InputError, match=r"looks like data.*--input-format txt"):
+        read_input(headerless)
+    wide = tmp_path / "wide.tsv"
+    wide.write_text("\t".join(f"column_{n}_" + "w" * 100 for n in range(50)) + "\n")
+    with pytest.raises(InputError, match=r"\.\.\. \(50 in all\)") as caught:
+        read_input(wide)
+    assert len(str(caught.value)) < 1500
+
+
+def test_parquet_missing_column_names_the_option(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"image_url": ["http://a.example/1"]}), src)
+    with pytest.raises(InputError, match=r"the schema has no column 'url'.*--url-column image_url"):
+        read_input(src)
+
+
+# --------------------------------------------------------------------------- check_input
+
+
+def test_check_input_refuses_what_read_input_refuses(tmp_path: Path) -> None:
+    from fetchpool import inputs
+
+    (tmp_path / "nocol.csv").write_text("link\nhttp://a.example/1\n")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "u.dat").write_text("http://a.example/1\n")
+    before = sorted(tmp_path.iterdir())
+    for name, words in [
+        ("nocol.csv", "--url-column"),
+        ("bin.txt", "NUL"),
+        ("u.dat", "--input-format"),
+        ("missing.txt", "not found"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            inputs.check_input(tmp_path / name)
+    with pytest.raises(InputError, match=r"no column 'link '.*perhaps --url-column link\b"):
+        inputs.check_input(tmp_path / "nocol.csv", format="csv", url_column="link ")
+    inputs.check_input(tmp_path / "nocol.csv", url_column="link")
+    inputs.check_input(tmp_path / "u.dat", format="txt")
+    assert sorted(tmp_path.iterdir()) == before  # it creates nothing
+
+
+def test_check_input_reads_only_the_start(tmp_path: Path) -> None:
+    from fetchpool import inputs
+
+    src = tmp_path / "in.csv.gz"
+    whole = gzip.compress(b"url,n\n" + b"http://a.example/1,1\n" * 200_000)
+    src.write_bytes(whole[: len(whole) // 2])  # corrupt past the first megabyte or so
+    inputs.check_input(src)  # the header is fine
+    with pytest.raises(InputError, match="corrupt"):
+        items(src)
+
+
+def test_check_input_leaves_an_iterable_alone() -> None:
+    from fetchpool import inputs
+
+    pulled = 0
+
+    def urls() -> Iterator[str]:
+        nonlocal pulled
+        pulled += 1
+        yield "http://a.example/1"
+
+    source = urls()
+    inputs.check_input(source)
+    assert pulled == 0
+    assert [i.position for i in read_input(source)] == [0]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl"])
+def test_check_input_on_a_stdin_pipe_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    import os
+    import threading
+
+    from fetchpool import inputs
+
+    rest = range(1, 5000)
+    if fmt == "txt":
+        body = b"\n# list\nhttp://a.example/0\n" + b"".join(
+            b"http://a.example/%d\n" % n for n in rest
+        )
+    elif fmt == "csv":
+        body = b'url,caption\nhttp://a.example/0,"two\nlines"\n'
+        body += b"".join(b"http://a.example/%d,c\n" % n for n in rest)
+    else:
+        body = b'\n{"url": "http://a.example/0"}\n'
+        body += b"".join(b'"http://a.example/%d"\n' % n for n in rest)
+    read_fd, write_fd = os.pipe()
+
+    def produce() -> None:
+        with os.fdopen(write_fd, "wb") as pipe, contextlib.suppress(BrokenPipeError):
+            for start in range(0, len(body), 1000):  # small writes: a pipe, not a file
+                pipe.write(body[start : start + 1000])
+                pipe.flush()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with os.fdopen(read_fd, "rb") as raw:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw))
+        inputs.check_input("-", format=fmt)
+        inputs.check_input("-", format=fmt)  # twice: still nothing consumed
+        found = items("-", format=fmt)
+    producer.join()
+    assert [type(i) for i in found] == [Job] * 5000, bads(found)[:2]
+    assert [j.url for j in jobs(found)][:2] == ["http://a.example/0", "http://a.example/1"]
+    if fmt == "csv":
+        assert found[0].meta == {"caption": "two\nlines"}  # type: ignore[union-attr]
+
+
+def test_check_input_on_stdin_refuses_a_missing_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fetchpool import inputs
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("link\nhttp://a.example/1\n"))  # no .buffer
+    with pytest.raises(InputError, match=r"<stdin>: the header .* has no column 'url'"):
+        inputs.check_input("-", format="csv")
+    found = items("-", format="csv", url_column="link")
+    assert [(j.url, j.line) for j in jobs(found)] == [("http://a.example/1", 2)]

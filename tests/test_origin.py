@@ -557,6 +557,31 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             proc.stdout.close()
 
 
+def test_cli_write_urls_to_stdout_lists_a_running_origins_urls_and_exits() -> None:
+    # The usual pipeline: an origin runs already; the list goes to 'fetchpool get -', whose
+    # input must end. Serving (binding the same port) would fail, and never end the pipe.
+    with Origin(seed=2) as running:
+        command = [sys.executable, "-m", "fetchpool.origin.cli", "--port", str(running.port)]
+        done = subprocess.run(
+            [*command, "--write-urls", "-", "--count", "3"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.decode().splitlines()
+        assert lines == [running.image_url(n) for n in range(3)]
+        response = urllib3.PoolManager(retries=False, timeout=5).request("GET", lines[2])
+        assert response.data == image_bytes(2, seed=2)
+
+
+def test_cli_write_urls_to_stdout_needs_a_real_port() -> None:
+    command = [sys.executable, "-m", "fetchpool.origin.cli", "--port", "0", "--write-urls", "-"]
+    done = subprocess.run(command, capture_output=True, timeout=20, check=False)  # never serves
+    assert done.returncode == 2 and done.stdout == b""
+    assert b"--port" in done.stderr and b"without serving" in done.stderr
+
+
 @pytest.mark.parametrize("process", [False, True])
 def test_warm_renders_images_before_they_are_requested(process: bool) -> None:
     with Origin(process=process) as server:

@@ -106,7 +106,15 @@ class FetchConfig:
 
 @dataclass(frozen=True, slots=True)
 class ImageConfig:
-    """The CPU stage: what to do with each fetched image. Inactive when nothing is asked."""
+    """The CPU stage: what to do with each fetched image. Inactive when nothing is asked.
+
+    Each option takes effect on its own (see :attr:`active`), and once the stage is on, an
+    image is ``ok`` only if it fully decoded.
+    """
+
+    # Not fields (no annotation): the defaults that ``active`` compares against.
+    DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS: the default and ceiling
+    DEFAULT_MAX_FRAMES = 100
 
     resize: int | None = None
     resize_mode: ResizeMode = "keep-ratio"
@@ -114,8 +122,8 @@ class ImageConfig:
     encode: Encode = "keep"
     quality: int = 90
     min_size: int | None = None
-    max_pixels: int = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS; lower it, never raise it
-    max_frames: int = 100
+    max_pixels: int = DEFAULT_MAX_PIXELS  # lower it, never raise it
+    max_frames: int = DEFAULT_MAX_FRAMES
     verify: bool = False
     processes: int | None = None  # None: os.cpu_count()
     item_timeout: float = 60.0
@@ -137,12 +145,20 @@ class ImageConfig:
 
     @property
     def active(self) -> bool:
-        """True when any image work was asked for (otherwise bytes pass through untouched)."""
+        """True when any image work was asked for (otherwise bytes pass through untouched).
+
+        A lowered ``max_pixels`` or ``max_frames`` is asked-for work too: limits that only
+        applied when some other option was given would let every image through unmeasured.
+        (Modifiers of other options, ``resize_only_down``, ``quality``, ``resize_mode``, do
+        nothing on their own: there is nothing to resize or re-encode.)
+        """
         return (
             (self.resize is not None and self.resize_mode != "no")
             or self.encode != "keep"
             or self.min_size is not None
             or self.verify
+            or self.max_pixels < self.DEFAULT_MAX_PIXELS
+            or self.max_frames < self.DEFAULT_MAX_FRAMES
         )
 
     @property

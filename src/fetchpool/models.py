@@ -47,6 +47,7 @@ class ErrorCode(StrEnum):
     REDIRECT_REFUSED = "redirect_refused"
     TOO_LARGE = "too_large"
     INCOMPLETE_BODY = "incomplete_body"
+    BAD_CONTENT_ENCODING = "bad_content_encoding"
     # content / CPU stage
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
@@ -164,6 +165,16 @@ class Record:
         """Mark this record failed (in place) and return it."""
         self.status = Status.FAILED
         self.error_code = code
+        self.error_message = message
+        return self
+
+    def cancel(self, message: str) -> Record:
+        """Mark this record cancelled (in place) and drop its temp file's name; return it.
+
+        The run stopped before the item finished: the pipeline does not journal it."""
+        self.temp_path = None
+        self.status = Status.SKIPPED
+        self.error_code = ErrorCode.CANCELLED
         self.error_message = message
         return self
 

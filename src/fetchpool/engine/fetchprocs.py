@@ -54,10 +54,14 @@ log = logging.getLogger("fetchpool")
 
 
 def fetch_and_publish(
-    fetcher: Fetcher, writer: Writer | None, job: Job, gate: PublishGate | None = None
+    fetcher: Fetcher,
+    writer: Writer | None,
+    job: Job,
+    gate: PublishGate | None = None,
+    attempt: int = 1,
 ) -> Record:
-    """One attempt at ``job``, published by ``writer`` when given and ok (through ``gate``
-    when given). Never raises."""
+    """Attempt number ``attempt`` at ``job``, published by ``writer`` when given and ok
+    (through ``gate`` when given). Never raises."""
     try:
         record = fetcher.fetch(job)
     except FetchpoolError as exc:
@@ -65,6 +69,7 @@ def fetch_and_publish(
     except Exception as exc:  # a bug must cost one item, never the run
         log.exception("internal error fetching item %d", job.position)
         return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
+    record.attempts = attempt  # before publishing: a sidecar carries it too
     if writer is not None and record.status is Status.OK:
         return gate.publish(writer, record) if gate is not None else publish(writer, record)
     return record
@@ -133,11 +138,7 @@ class PublishGate:
 
 def _cancelled(record: Record) -> Record:
     fsutil.discard(record.temp_path)
-    record.temp_path = None
-    record.status = Status.SKIPPED
-    record.error_code = ErrorCode.CANCELLED
-    record.error_message = "the run was stopped before this item was published"
-    return record
+    return record.cancel("the run was stopped before this item was published")
 
 
 def _local_error_code(exc: FetchpoolError) -> ErrorCode:
@@ -174,9 +175,9 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
     outbox = _Outbox(conn)
     pid = f"pid-{os.getpid()}"
 
-    def work(task_id: int, job: Job) -> None:
+    def work(task_id: int, job: Job, attempt: int) -> None:
         start = time.time()
-        record = fetch_and_publish(fetcher, writer, job)
+        record = fetch_and_publish(fetcher, writer, job, attempt=attempt)
         thread = threading.current_thread().name
         outbox.put((task_id, record, TaskRecord(task_id, start, time.time(), pid, thread)))
 
@@ -190,8 +191,8 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
                 os._exit(1)
             if message is None:  # the parent's shutdown: finish what is in flight
                 break
-            for task_id, job in message:
-                executor.submit(work, task_id, job)
+            for task_id, job, attempt in message:
+                executor.submit(work, task_id, job, attempt)
     fetcher.close()
 
 
@@ -239,7 +240,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.in_flight: dict[int, tuple[Job, str]] = {}
-        self.outbox: list[tuple[int, Job]] = []  # submitted, sent at the next flush
+        self.outbox: list[tuple[int, Job, int]] = []  # submitted, sent at the next flush
         self.send_lock = threading.Lock()
         self.alive = True
 
@@ -284,7 +285,7 @@ class ProcessFetchPool:
         with self._lock:
             return sum(len(w.in_flight) for w in self._workers)
 
-    def submit(self, job: Job, label: str = "") -> int:
+    def submit(self, job: Job, label: str = "", attempt: int = 1) -> int:
         """Queue ``job`` for the least busy worker; :meth:`flush` sends it."""
         with self._lock:
             task_id = self._next_id
@@ -293,7 +294,7 @@ class ProcessFetchPool:
             live = [w for w in self._workers if w.alive] or self._workers
             worker = min(live, key=lambda w: len(w.in_flight))
             worker.in_flight[task_id] = (job, label)
-            worker.outbox.append((task_id, job))
+            worker.outbox.append((task_id, job, attempt))
         return task_id
 
     def flush(self) -> None:
@@ -308,10 +309,10 @@ class ProcessFetchPool:
                 with worker.send_lock:
                     worker.conn.send(batch)
             except OSError:
-                for task_id, _job in batch:
+                for task_id, *_ in batch:
                     self._lost(worker, task_id)
             if not worker.alive:  # died while we sent: its reader may already have swept
-                for task_id, _job in batch:
+                for task_id, *_ in batch:
                     self._lost(worker, task_id)
 
     def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:

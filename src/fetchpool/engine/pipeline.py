@@ -74,8 +74,10 @@ class Report:
     out: Path
     counts: dict[str, int] = field(default_factory=dict)  # by status
     errors: dict[str, int] = field(default_factory=dict)  # failed/skipped by error code
-    #: ``http_error`` items by HTTP status: a 404 and a 500 call for different actions.
-    http_statuses: dict[int, int] = field(default_factory=dict)
+    #: Failures of one code that call for different actions, by code then detail:
+    #: ``http_error`` by status ("404", "500"), ``total_timeout`` by whether the response head
+    #: had arrived ("no response", "in the body").
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
     bytes: int = 0  # downloaded by this run (as fetched, before any CPU-stage work)
     wall: float = 0.0
     busy: float = 0.0  # sum of per-attempt fetch times
@@ -127,9 +129,10 @@ class Report:
         code = record.error_code
         if code is not None:
             self.errors[code] = self.errors.get(code, 0) + 1
-            if code is ErrorCode.HTTP_ERROR and record.http_status is not None:
-                status = record.http_status
-                self.http_statuses[status] = self.http_statuses.get(status, 0) + 1
+            detail = _detail(record)
+            if detail is not None:
+                counts = self.breakdown.setdefault(code, {})
+                counts[detail] = counts.get(detail, 0) + 1
         if resumed:
             self.resumed += 1
             self.resumed_failed += record.status is Status.FAILED
@@ -138,6 +141,15 @@ class Report:
         elif record.status is Status.OK:
             fetched = record.fetched_bytes
             self.bytes += record.bytes if fetched is None else fetched
+
+
+def _detail(record: Record) -> str | None:
+    """What tells apart failures of one code that need different actions (see ``breakdown``)."""
+    if record.error_code is ErrorCode.HTTP_ERROR and record.http_status is not None:
+        return str(record.http_status)
+    if record.error_code is ErrorCode.TOTAL_TIMEOUT:
+        return "no response" if record.http_status is None else "in the body"
+    return None
 
 
 @dataclass(slots=True)
@@ -159,7 +171,7 @@ class _FetchPool(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def submit(self, job: Job, label: str = "") -> int: ...
+    def submit(self, job: Job, label: str = "", attempt: int = 1) -> int: ...
 
     def flush(self) -> None:
         """Start what was submitted, if ``submit`` only queued it."""
@@ -171,7 +183,10 @@ class _FetchPool(Protocol):
 
 class _ThreadFetchPool:
     def __init__(
-        self, pool: TaskPool[Record], attempt: Callable[[Job], Record], gate: PublishGate | None
+        self,
+        pool: TaskPool[Record],
+        attempt: Callable[[Job, int], Record],
+        gate: PublishGate | None,
     ) -> None:
         self._pool = pool
         self._attempt = attempt
@@ -181,8 +196,8 @@ class _ThreadFetchPool:
     def in_flight(self) -> int:
         return self._pool.in_flight
 
-    def submit(self, job: Job, label: str = "") -> int:
-        return self._pool.submit(self._attempt, job, label=label)
+    def submit(self, job: Job, label: str = "", attempt: int = 1) -> int:
+        return self._pool.submit(self._attempt, job, attempt, label=label)
 
     def flush(self) -> None:
         """Nothing to do: a thread starts on its job when it is submitted."""
@@ -239,11 +254,13 @@ class Pipeline:
 
     def run(self, source: Source) -> Report:
         from fetchpool.heap import keep_heap_trimmed
-        from fetchpool.inputs import read_input
+        from fetchpool.inputs import check_input, read_input
         from fetchpool.state.journal import Journal
 
         keep_heap_trimmed()
         started = time.perf_counter()
+        # A missing file, an unknown format or no URL column: refused before OUT is touched.
+        check_input(source, format=self.options.input_format, url_column=self.options.url_column)
         name, size = _describe(source)
         try:
             with Journal.open(self.out, source=name, source_size=size) as journal:
@@ -453,7 +470,7 @@ class Pipeline:
             return
         for _, entry in self._scheduler.take(time.monotonic(), budget):
             entry.attempts += 1
-            self._pool.submit(entry.job, entry.host)
+            self._pool.submit(entry.job, entry.host, entry.attempts)
         self._pool.flush()
 
     def _make_fetch_pool(self) -> _FetchPool:
@@ -476,7 +493,9 @@ class Pipeline:
         )
         gate = self._gate = PublishGate() if writer is not None else None
         return _ThreadFetchPool(
-            threads, lambda job: fetch_and_publish(fetcher, writer, job, gate), gate
+            threads,
+            lambda job, attempt: fetch_and_publish(fetcher, writer, job, gate, attempt),
+            gate,
         )
 
     def _fetched(self, done: Done[Record]) -> None:

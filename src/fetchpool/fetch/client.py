@@ -5,8 +5,9 @@
     fetch(job)
       └─ for each hop (≤ max_redirects):  parse URL ─▶ guard.resolve (every address checked)
            ─▶ pooled connection pinned to the checked address (fetch.http11) ─▶ GET
-           ─▶ 3xx: drain, validate Location, next hop │ non-2xx: HTTP_ERROR
-           │ 2xx: stream into a temp file (sha256, size cap, deadline, min speed) ─▶ Record
+           ─▶ 3xx: drain, Location checked like an input URL, next hop │ non-2xx: HTTP_ERROR
+           │ 2xx: stream into a temp file, decoded per Content-Encoding (fetch.decoding;
+           │      sha256, size caps, deadline, min speed) ─▶ Record
 
 Failures become a failed :class:`Record` with a stable :class:`ErrorCode`; the scheduler decides
 about retries (``fetchpool.policies``). Only run-level problems raise: a full disk
@@ -28,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from fetchpool import fsutil
 from fetchpool.config import FetchConfig
 from fetchpool.errors import DiskFullError, FetchError
 from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
+from fetchpool.fetch.decoding import Decoder, decoder_for
 from fetchpool.fetch.guard import AddressGuard
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
 from fetchpool.fetch.transport import Watch, Watchdog
@@ -42,7 +44,13 @@ from fetchpool.plainurl import split_plain
 from fetchpool.policies import parse_retry_after
 from fetchpool.redact import redact_text, redact_url
 
-__all__ = ["CHUNK_SIZE", "ERROR_BODY_LIMIT", "HttpFetcher"]
+__all__ = [
+    "CHUNK_SIZE",
+    "ERROR_BODY_LIMIT",
+    "HEADER_VALUE_LIMIT",
+    "HttpFetcher",
+    "clean_header_value",
+]
 
 #: Bytes asked for per read: big enough for throughput, small enough to check limits often.
 CHUNK_SIZE = 128 * 1024
@@ -58,6 +66,8 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _SCHEMES = ("http", "https")
 _MESSAGE_LIMIT = 500
+#: A recorded header value (Content-Type) is cut to this many characters.
+HEADER_VALUE_LIMIT = 1024
 _T = TypeVar("_T")
 
 
@@ -236,25 +246,46 @@ class HttpFetcher:
         return headers
 
     def _next_hop(self, target: _Target, location: str, record: Record) -> str:
+        """The URL a Location leads to, checked like an input URL; refused otherwise.
+
+        The header's bytes are read as UTF-8 (latin-1 when they are not UTF-8), and what
+        HTTP cannot carry is percent-encoded outside the host, as browsers and curl do; a
+        Unicode host becomes IDNA. Then the URL must pass the input URLs' validation
+        (:func:`fetchpool.inputs.urls.validate_url`: scheme, length, characters, port range,
+        no backslash in the authority), so a hop can reach nothing an input URL could not.
+        """
+        from fetchpool.inputs.urls import MAX_URL_LENGTH, InvalidURLError, preview, validate_url
+
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in location):
             raise FetchError(ErrorCode.REDIRECT_REFUSED, "redirect Location has control bytes")
+        text, charset = _header_text(location.strip())
         try:
-            next_url = urljoin(target.url, location.strip())
-            scheme = urlsplit(next_url).scheme.lower()
+            joined = _encode_outside_host(urljoin(target.url, text), charset)
+            scheme = urlsplit(joined).scheme.lower()
         except ValueError as exc:  # e.g. "//[::1": an unbalanced bracket in the host
             raise FetchError(
                 ErrorCode.REDIRECT_REFUSED, f"redirect Location cannot be parsed: {_describe(exc)}"
             ) from exc
-        record.redirects.append(redact_url(next_url))
         if scheme not in _SCHEMES:
+            record.redirects.append(redact_url(joined[:MAX_URL_LENGTH]))
             raise FetchError(
                 ErrorCode.REDIRECT_REFUSED, f"redirect to a {scheme or 'relative'}: URL refused"
             )
         if target.scheme == "https" and scheme == "http":
+            record.redirects.append(redact_url(joined[:MAX_URL_LENGTH]))
             raise FetchError(
                 ErrorCode.REDIRECT_REFUSED,
-                f"https to http downgrade refused: {redact_url(next_url)}",
+                f"https to http downgrade refused: {preview(joined)}",
             )
+        try:
+            next_url = validate_url(joined)
+        except InvalidURLError as exc:
+            # Not recorded in the chain: an invalid URL (a backslash, a bad port) would be
+            # recorded as something else than it is; the message shows it, redacted.
+            raise FetchError(
+                ErrorCode.REDIRECT_REFUSED, f"redirect to an invalid URL refused: {exc.message}"
+            ) from None
+        record.redirects.append(redact_url(next_url))  # as requested: encoded, IDNA host
         return next_url
 
     # -- one request --------------------------------------------------------------------------
@@ -294,12 +325,13 @@ class HttpFetcher:
         self, response: Response, record: Record, target: _Target, attempt: _Attempt
     ) -> None:
         record.http_status = response.status
-        record.content_type = response.headers.get("content-type")
+        record.content_type = clean_header_value(response.headers.get("content-type"))
         if not 200 <= response.status < 300:
             self._refuse_status(response, record, attempt)
         try:
             length = self._declared_length(response)
-            self._save_body(response, record, target, length, attempt)
+            decoder = decoder_for(response.headers.get("content-encoding"), record.content_type)
+            self._save_body(response, record, target, length, attempt, decoder=decoder)
         except BaseException:
             response.close()
             raise
@@ -309,7 +341,8 @@ class HttpFetcher:
         if response.status in (429, 503):
             record.retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         self._discard_body(response, attempt)
-        reason = f" {response.reason}" if response.reason else ""
+        shown = clean_header_value(response.reason)
+        reason = f" {shown}" if shown else ""
         raise FetchError(
             ErrorCode.HTTP_ERROR, f"HTTP {response.status}{reason}", http_status=response.status
         )
@@ -336,10 +369,12 @@ class HttpFetcher:
         target: _Target,
         length: int | None,
         attempt: _Attempt,
+        *,
+        decoder: Decoder | None = None,
     ) -> None:
         fd, path = fsutil.create_temp_fd(self._tmp_dir)
         try:
-            digest, size, head = self._stream(response, fd, length, attempt)
+            digest, size, head = self._stream(response, fd, length, attempt, decoder=decoder)
             # fsynced here only when asked: otherwise the writer does it before naming the
             # file (a shard writer never needs this temp file on disk at all).
             if self._sync_temp:
@@ -356,33 +391,57 @@ class HttpFetcher:
             raise
         record.temp_synced = self._sync_temp
         record.temp_path = path
-        record.bytes = size
-        record.sha256 = digest
+        record.bytes = record.fetched_bytes = size  # as decoded; the CPU stage may change
+        record.sha256 = record.fetched_sha256 = digest  # bytes and sha256, never these
         record.extension = sniff_extension(record.content_type, head, target.url)
         record.status = Status.OK
 
     def _stream(
-        self, response: Response, fd: int, length: int | None, attempt: _Attempt
+        self,
+        response: Response,
+        fd: int,
+        length: int | None,
+        attempt: _Attempt,
+        *,
+        decoder: Decoder | None = None,
     ) -> tuple[str, int, bytes]:
+        """Write the body (decoded when ``decoder``) to ``fd``: (sha256, size, head).
+
+        ``max_bytes`` bounds both the bytes received and the bytes written; a decoder hands
+        out at most ``CHUNK_SIZE`` bytes at a time, so memory stays flat whatever the ratio.
+        """
         hasher = hashlib.sha256()
         meter = _Throughput(self._clock, self._config.min_speed, self._config.min_speed_window)
+        limit = self._config.max_bytes
         head = b""
-        size = 0
-        while chunk := self._read_chunk(response, attempt, length, size):
-            size += len(chunk)
-            if size > self._config.max_bytes:
-                raise FetchError(
-                    ErrorCode.TOO_LARGE, f"body exceeds max_bytes={self._config.max_bytes}"
-                )
-            _local_io(fsutil.write_all, fd, chunk)
-            hasher.update(chunk)
-            if len(head) < HEAD_BYTES:
-                head += chunk[: HEAD_BYTES - len(head)]
-            meter.update(size)
+        received = size = 0
+        while chunk := self._read_chunk(response, attempt, length, received):
+            received += len(chunk)
+            if received > limit:
+                raise FetchError(ErrorCode.TOO_LARGE, f"body exceeds max_bytes={limit}")
+            if decoder is not None:
+                decoder.feed(chunk)
+                chunk = decoder.read(CHUNK_SIZE)
+            while chunk:
+                size += len(chunk)
+                if decoder is not None:
+                    if size > limit:
+                        raise FetchError(
+                            ErrorCode.TOO_LARGE, f"decoded body exceeds max_bytes={limit}"
+                        )
+                    decoder.check_ratio(size, received)
+                _local_io(fsutil.write_all, fd, chunk)
+                hasher.update(chunk)
+                if len(head) < HEAD_BYTES:
+                    head += chunk[: HEAD_BYTES - len(head)]
+                chunk = decoder.read(CHUNK_SIZE) if decoder is not None else b""
+            meter.update(received)
         if attempt.watch.expired:  # the watchdog ended the body: EOF is not the real end
             raise FetchError(ErrorCode.TOTAL_TIMEOUT, self._total_timeout_message())
-        if length is not None and size < length:
-            raise FetchError(ErrorCode.INCOMPLETE_BODY, f"got {size} of {length} bytes")
+        if length is not None and received < length:
+            raise FetchError(ErrorCode.INCOMPLETE_BODY, f"got {received} of {length} bytes")
+        if decoder is not None:
+            decoder.finish()
         return hasher.hexdigest(), size, head
 
     def _read_chunk(
@@ -464,7 +523,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _fail(record: Record, exc: FetchError) -> None:
-    record.fail(exc.code, redact_text(exc.message))
+    message = redact_text(exc.message)
+    if exc.code is ErrorCode.TOTAL_TIMEOUT:  # two cases that need different actions
+        head = record.http_status is not None or exc.http_status is not None
+        message += " while the body was arriving" if head else " before the server answered"
+    record.fail(exc.code, message)
     if exc.http_status is not None:
         record.http_status = exc.http_status
     record.status = Status.FAILED
@@ -472,6 +535,48 @@ def _fail(record: Record, exc: FetchError) -> None:
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+#: Kept as they are when a redirect target is percent-encoded: printable ASCII but space.
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def clean_header_value(value: str | None) -> str | None:
+    """A response header value fit to record: each run of control characters (NUL, CR, ESC,
+    C1 controls) becomes one space, as RFC 9110 (5.5) allows for NUL, CR and LF; cut to
+    :data:`HEADER_VALUE_LIMIT` characters. The journal, the CSV manifest, logs and
+    terminals then never receive a server's control bytes."""
+    if value is None:
+        return None
+    if value.isprintable() and len(value) <= HEADER_VALUE_LIMIT:
+        return value
+    return _CONTROL.sub(" ", value[:HEADER_VALUE_LIMIT]).strip()
+
+
+def _header_text(value: str) -> tuple[str, str]:
+    """A header value (its bytes as latin-1, as the wire layer reads them) as text: UTF-8 when
+    its bytes are UTF-8, else latin-1. Returns (text, that charset)."""
+    if value.isascii():
+        return value, "utf-8"
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return value, "latin-1"
+
+
+def _encode_outside_host(url: str, charset: str) -> str:
+    """``url`` with spaces and non-ASCII characters percent-encoded (in ``charset``, so the
+    server's own bytes come back) everywhere but the host, which stays for IDNA."""
+    if url.isascii() and " " not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return quote(url, safe=_URL_SAFE, encoding=charset)
+    end = min([rest.find(c) for c in "/?#" if c in rest] or [len(rest)])
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    userinfo = quote(userinfo, safe=_URL_SAFE, encoding=charset)
+    tail = quote(rest[end:], safe=_URL_SAFE, encoding=charset)
+    return f"{scheme}://{userinfo}{at}{hostport}{tail}"
 
 
 def _parse_target(url: str) -> _Target:

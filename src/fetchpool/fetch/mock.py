@@ -95,7 +95,7 @@ class MockFetcher:
             fsutil.abandon(handle, path)
             raise
         record.temp_path = path
-        record.bytes = len(body)
-        record.sha256 = hashlib.sha256(body).hexdigest()
+        record.bytes = record.fetched_bytes = len(body)
+        record.sha256 = record.fetched_sha256 = hashlib.sha256(body).hexdigest()
         record.extension = sniff_extension(record.content_type, body[:HEAD_BYTES], record.url)
         record.status = Status.OK

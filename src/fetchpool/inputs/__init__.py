@@ -6,6 +6,7 @@ from fetchpool.inputs.readers import (
     FORMATS,
     MAX_LINE_BYTES,
     PARQUET_HINT,
+    check_input,
     estimate_total,
     read_input,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "MAX_URL_LENGTH",
     "PARQUET_HINT",
     "InvalidURLError",
+    "check_input",
     "estimate_total",
     "read_input",
     "redact_url",

@@ -1,10 +1,18 @@
 """Streaming input readers: txt, csv, tsv, jsonl/ndjson, parquet, stdin, and iterables.
 
 Every reader is a generator over a bounded buffer, so memory stays flat whatever the input
-size (a physical line is capped at :data:`MAX_LINE_BYTES`; parquet is read batch by batch).
-One bad line never stops a run: it becomes a :class:`~fetchpool.models.BadInput`. Only a
-problem with the input as a whole (missing file, unknown format, no URL column) raises
-:class:`~fetchpool.errors.InputError`.
+size: one record (a txt or jsonl line, a csv/tsv row with its quoted line breaks) is capped at
+:data:`MAX_LINE_BYTES`; parquet is read batch by batch. One bad record never stops a run: it
+becomes a :class:`~fetchpool.models.BadInput`. Only a problem with the input as a whole
+(missing file, unknown format, no URL column, binary data) raises
+:class:`~fetchpool.errors.InputError`, and :func:`check_input` finds those before any work.
+
+CSV rows are bounded by the record feed, not by :func:`csv.field_size_limit` (128 KiB by
+default, which real captions exceed): the first CSV/TSV reader raises that process-wide limit
+to :data:`MAX_LINE_BYTES` if it is lower, and never lowers it.
+
+Messages are read by command-line users and by library users alike: they name the option
+(``--url-column``) and the keyword (``url_column=``).
 
 ``position`` is the 0-based index among data items (blank lines, comments and the header do
 not count) and is the item's identity in the journal; ``line`` is the 1-based physical line
@@ -18,19 +26,22 @@ import gzip
 import io
 import json
 import os
+import shlex
 import stat
 import sys
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, Any, NamedTuple, Protocol, cast
 
 from fetchpool.errors import ConfigError, InputError
 from fetchpool.inputs.urls import MAX_URL_LENGTH, InvalidURLError, validate_url
 from fetchpool.models import BadInput, ErrorCode, InputItem, Job
 
-#: Longest physical line kept; the rest of a longer line is skipped (and the item is bad).
+#: Longest input record kept (a txt/jsonl line, a csv/tsv row): a longer one is skipped
+#: without being held, and becomes a ``bad_input`` item.
 MAX_LINE_BYTES = 1024 * 1024
 #: ``BadInput.raw`` is capped so a giant bad line does not bloat the journal.
 MAX_RAW_CHARS = MAX_URL_LENGTH
@@ -48,8 +59,17 @@ _EXTENSIONS = {
 _PARQUET_BATCH = 8192
 _COUNT_CHUNK = 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
+_LABELS = {"txt": "a text list", "csv": "CSV", "tsv": "TSV", "jsonl": "JSON Lines"}
+_SHOWN_COLUMNS = 20
+_SHOWN_NAME = 40
 
 Source = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+
+
+class _Lines(Protocol):
+    """What the readers need of a byte stream."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
 
 
 class _Row(NamedTuple):
@@ -67,6 +87,16 @@ class _Spec:
     path: Path | None  # None: stdin
     gz: bool
 
+    @property
+    def name(self) -> str:
+        return "<stdin>" if self.path is None else str(self.path)
+
+
+def _bound() -> str:
+    """The record bound, for messages: ``1 MiB (1048576 bytes)``."""
+    mib, rest = divmod(MAX_LINE_BYTES, 1024 * 1024)
+    return f"{mib} MiB ({MAX_LINE_BYTES} bytes)" if mib and not rest else f"{MAX_LINE_BYTES} bytes"
+
 
 # --------------------------------------------------------------------------- format
 
@@ -75,7 +105,10 @@ def _normalize_format(fmt: str) -> str:
     name = fmt.strip().lower().lstrip(".")
     name = _ALIASES.get(name, name)
     if name not in FORMATS:
-        raise InputError(f"unknown input format {fmt!r} (use one of: {', '.join(FORMATS)})")
+        raise InputError(
+            f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)} "
+            "with --input-format (format= in Python)"
+        )
     return name
 
 
@@ -92,12 +125,15 @@ def _resolve(source: str | os.PathLike[str], fmt: str | None) -> _Spec:
         ext = Path(base).suffix
         if ext not in _EXTENSIONS:
             raise InputError(
-                f"cannot tell the format of {path} from its extension; pass format= "
-                f"({', '.join(FORMATS)})"
+                f"cannot tell the format of {path} from its name; choose one of "
+                f"{', '.join(FORMATS)} with --input-format (format= in Python)"
             )
         spec = _Spec(_EXTENSIONS[ext], path, gz)
     if spec.gz and spec.format == "parquet":
-        raise InputError(f"{path}: parquet files are compressed internally; do not gzip them")
+        raise InputError(
+            f"{path}: a gzip-compressed parquet file cannot be read: gunzip it first "
+            "(parquet is compressed inside already)"
+        )
     return spec
 
 
@@ -109,22 +145,79 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"input {path} is not a regular file")
+        raise InputError(
+            f"input {path} is not a regular file; give a file, or - to read standard input"
+        )
 
 
 # --------------------------------------------------------------------------- bytes
 
 
-def _open_binary(spec: _Spec) -> IO[bytes]:
-    """Open the source for binary reading (the caller closes it, except stdin)."""
-    if spec.path is None:
+class _Replay:
+    """Standard input, with what :func:`check_input` read kept for the reader.
+
+    Stdin cannot seek: while a check records, every byte it reads is kept, and the reader
+    gets those bytes first, then the rest of the stream. Kept bytes are dropped as soon as
+    the reader has them, so at most the check's few lines are ever held.
+    """
+
+    def __init__(self, raw: _Lines) -> None:
+        self._raw = raw
+        self._kept = bytearray()  # read from raw by a check, not yet handed to a reader
+        self._pos = 0  # while recording: how far the check has read into _kept
+        self._recording = False
+
+    def record(self) -> _Replay:
+        self._recording, self._pos = True, 0
+        return self
+
+    def rewind(self) -> None:
+        self._recording, self._pos = False, 0
+
+    def readline(self, size: int = -1, /) -> bytes:
+        out = b""
+        if self._pos < len(self._kept):
+            stop = len(self._kept) if size < 0 else min(len(self._kept), self._pos + size)
+            newline = self._kept.find(b"\n", self._pos, stop)
+            if newline != -1:
+                stop = newline + 1
+            out = bytes(self._kept[self._pos : stop])
+            if self._recording:
+                self._pos = stop
+            else:
+                del self._kept[:stop]
+            if newline != -1 or len(out) == size:
+                return out
+        more = self._raw.readline(size - len(out) if size >= 0 else -1)
+        if self._recording:
+            self._kept += more
+            self._pos = len(self._kept)
+        return out + more
+
+
+_stdin_lock = threading.Lock()
+#: The replay of the current ``sys.stdin`` object, as ``[(stdin, replay)]`` (or empty).
+_stdin_replay: list[tuple[object, _Replay]] = []
+
+
+def _stdin() -> _Replay:
+    """The replayable binary stream of the current ``sys.stdin`` (one per stdin object)."""
+    with _stdin_lock:
         stdin: Any = sys.stdin
-        buffer = getattr(stdin, "buffer", None)
-        if buffer is not None:
-            return buffer  # type: ignore[no-any-return]
-        if isinstance(stdin, io.TextIOBase):  # a test double without .buffer
-            return io.BytesIO(stdin.read().encode("utf-8"))
-        return stdin  # type: ignore[no-any-return]
+        if _stdin_replay and _stdin_replay[0][0] is stdin:
+            return _stdin_replay[0][1]
+        raw = getattr(stdin, "buffer", None)
+        if raw is None:  # a test double without .buffer: text, or already bytes
+            is_text = isinstance(stdin, io.TextIOBase)
+            raw = io.BytesIO(stdin.read().encode("utf-8")) if is_text else stdin
+        replay = _Replay(raw)
+        _stdin_replay[:] = [(stdin, replay)]
+        return replay
+
+
+def _open_binary(spec: _Spec) -> IO[bytes]:
+    """Open a file for binary reading (the caller closes it)."""
+    assert spec.path is not None
     try:
         if spec.gz:
             return cast(IO[bytes], gzip.open(spec.path, "rb"))
@@ -135,8 +228,14 @@ def _open_binary(spec: _Spec) -> IO[bytes]:
         raise InputError(f"cannot read input file {spec.path}: {exc.strerror or exc}") from None
 
 
-def _physical_lines(stream: IO[bytes], name: str) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield ``(line number, bytes without the line ending, truncated?)``, bounded memory."""
+def _physical_lines(
+    stream: _Lines, name: str, *, skip_rest: bool = True
+) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield ``(line number, bytes without the line ending, truncated?)``, bounded memory.
+
+    The rest of an over-long line is skipped, or, without ``skip_rest``, the lines end there
+    (a check that must not read on).
+    """
     number = 0
     try:
         while True:
@@ -149,14 +248,18 @@ def _physical_lines(stream: IO[bytes], name: str) -> Iterator[tuple[int, bytes, 
                 truncated = True
                 chunk = chunk[:MAX_LINE_BYTES]
                 # Skip the rest of the over-long line without holding it.
-                while True:
+                while skip_rest:
                     rest = stream.readline(MAX_LINE_BYTES)
                     if not rest or rest.endswith(b"\n"):
                         break
             if number == 1 and chunk.startswith(_BOM):
                 chunk = chunk[len(_BOM) :]
             yield number, chunk.rstrip(b"\r\n"), truncated
+            if truncated and not skip_rest:
+                return
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        if number == 0:
+            raise InputError(f"{name}: cannot decompress it: {exc} (is it gzip data?)") from None
         raise InputError(f"{name}: corrupt compressed data after line {number}: {exc}") from None
     except OSError as exc:
         raise InputError(f"{name}: read error after line {number}: {exc}") from None
@@ -173,9 +276,9 @@ def _bad(line: int | None, raw: str, code: ErrorCode, message: str) -> _Row:
 def _too_long(line: int, data: bytes) -> _Row:
     return _bad(
         line,
-        data.decode("utf-8", "replace"),
+        data[: MAX_RAW_CHARS * 4].decode("utf-8", "replace"),
         ErrorCode.BAD_INPUT,
-        f"line is longer than {MAX_LINE_BYTES} bytes",
+        f"line {line} is longer than {_bound()}, the limit for one input record",
     )
 
 
@@ -191,10 +294,81 @@ def _decode(line: int, data: bytes) -> str | _Row:
         )
 
 
+# --------------------------------------------------------------------------- messages
+
+
+def _show(column: str) -> str:
+    return repr(column) if len(column) <= _SHOWN_NAME else repr(column[:_SHOWN_NAME]) + "..."
+
+
+def _guess(column: str, columns: list[str]) -> str | None:
+    """The column the user probably meant: the same name in another case or without spaces,
+    else (for the default ``url``) the only column with "url" in its name."""
+    folded = column.strip().casefold()
+    same = [c for c in columns if c.casefold() == folded]
+    if same:
+        return same[0]
+    if folded == "url":
+        urlish = [c for c in columns if "url" in c.casefold()]
+        if len(urlish) == 1:
+            return urlish[0]
+    return None
+
+
+def _no_column(
+    name: str, column: str, columns: list[str], where: str, *, header: bool = False
+) -> str:
+    shown = ", ".join(_show(c) for c in columns[:_SHOWN_COLUMNS]) or "none"
+    if len(columns) > _SHOWN_COLUMNS:
+        shown += f", ... ({len(columns)} in all)"
+    message = (
+        f"{name}: {where} has no column {column!r} (columns: {shown}); "
+        "choose the URL column with --url-column (url_column= in Python)"
+    )
+    guess = _guess(column, columns)
+    if guess is not None:
+        message += f"; perhaps --url-column {shlex.quote(guess)} (url_column={guess!r})"
+    elif header and any(c.startswith(("http://", "https://")) for c in columns):
+        message += (
+            "; that line looks like data: add a header row, "
+            "or read a plain list of URLs with --input-format txt"
+        )
+    return message
+
+
+def _sniff(line: int, data: bytes, spec: _Spec) -> None:
+    """Refuse an input that is plainly not text: say what it is instead."""
+    name = spec.name
+    if line == 1:
+        if data.startswith(b"\x1f\x8b"):
+            how = (
+                "pipe it through gunzip"
+                if spec.path is None
+                else "give it a name ending in .gz, or gunzip it"
+            )
+            raise InputError(f"{name} is gzip-compressed: {how}")
+        if data.startswith(b"PAR1"):
+            how = (
+                "save it to a file and give its name"
+                if spec.path is None
+                else "choose --input-format parquet (format='parquet' in Python)"
+            )
+            raise InputError(f"{name} is a parquet file: {how}")
+        if data.startswith(b"PK\x03\x04"):
+            raise InputError(f"{name} is a zip archive: unpack it first")
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise InputError(f"{name} is UTF-16 text: save it as UTF-8")
+    if b"\x00" in data:
+        raise InputError(
+            f"{name}: line {line} contains NUL bytes: this is binary data (or UTF-16 text), "
+            f"not {_LABELS[spec.format]}"
+        )
+
+
 # --------------------------------------------------------------------------- text formats
 
 
-def _rows_txt(stream: IO[bytes], name: str) -> Iterator[_Row]:
+def _rows_txt(stream: _Lines, name: str) -> Iterator[_Row]:
     for line, data, truncated in _physical_lines(stream, name):
         if truncated:
             yield _too_long(line, data)
@@ -208,7 +382,7 @@ def _rows_txt(stream: IO[bytes], name: str) -> Iterator[_Row]:
             yield _Row(line, stripped, {})
 
 
-def _rows_jsonl(stream: IO[bytes], name: str, url_column: str) -> Iterator[_Row]:
+def _rows_jsonl(stream: _Lines, name: str, url_column: str) -> Iterator[_Row]:
     seen_object = False
     for line, data, truncated in _physical_lines(stream, name):
         if truncated:
@@ -231,7 +405,9 @@ def _rows_jsonl(stream: IO[bytes], name: str, url_column: str) -> Iterator[_Row]
         if isinstance(obj, dict) and not seen_object:
             seen_object = True
             if url_column not in obj:
-                raise InputError(_no_column(name, url_column, list(obj), f"line {line}"))
+                raise InputError(
+                    _no_column(name, url_column, list(obj), f"the first object (line {line})")
+                )
         yield _row_from_value(line, obj, url_column, text)
 
 
@@ -243,7 +419,7 @@ def _row_from_value(line: int | None, obj: Any, url_column: str, raw: str) -> _R
         url = obj.get(url_column)
         if not isinstance(url, str):
             problem = "is missing" if url is None else f"is not a string ({type(url).__name__})"
-            return _bad(line, raw, ErrorCode.BAD_INPUT, f"{url_column!r} {problem}")
+            return _bad(line, raw, ErrorCode.BAD_INPUT, f"the {url_column!r} field {problem}")
         meta = {str(k): v for k, v in obj.items() if k != url_column}
         return _Row(line, url, meta)
     return _bad(
@@ -254,21 +430,80 @@ def _row_from_value(line: int | None, obj: Any, url_column: str, raw: str) -> _R
     )
 
 
-def _no_column(name: str, column: str, columns: list[str], where: str) -> str:
-    shown = ", ".join(repr(c) for c in columns[:20]) or "none"
-    return (
-        f"{name}: no {column!r} column in the {where} (columns: {shown}); "
-        "pass url_column= to pick the URL column"
-    )
+# --------------------------------------------------------------------------- csv / tsv
 
 
-def _decoded_lines(
-    lines: Iterator[tuple[int, bytes, bool]],
-) -> Iterator[str]:
-    # surrogateescape keeps invalid bytes visible to the row check instead of failing
-    # the csv module's whole iteration.
-    for _line, data, _truncated in lines:
-        yield data.decode("utf-8", "surrogateescape") + "\n"
+class _RecordTooLong(Exception):
+    """A csv/tsv record over the bound: lines ``start`` to ``end``; ``head`` its first line."""
+
+    def __init__(self, start: int, end: int, head: bytes) -> None:
+        super().__init__(start, end)
+        self.start, self.end, self.head = start, end, head
+
+
+class _RecordFeed:
+    """Physical lines as text for the csv parser, at most :data:`MAX_LINE_BYTES` a record.
+
+    A class, not a generator: the exception it raises for an over-long record passes through
+    the parser, which then starts afresh at the next line (a generator would be finished).
+    ``start`` and ``head`` are the current record's first line number and bytes.
+    """
+
+    def __init__(self, lines: Iterator[tuple[int, bytes, bool]]) -> None:
+        self._lines = lines
+        self._size = 0
+        self.start = 0
+        self.head = b""
+
+    def new_record(self) -> None:
+        self._size = 0
+
+    def __iter__(self) -> _RecordFeed:
+        return self
+
+    def __next__(self) -> str:
+        number, data, truncated = next(self._lines)
+        if self._size == 0:
+            self.start, self.head = number, data[: MAX_RAW_CHARS * 4]
+        self._size += len(data) + 1
+        if truncated or self._size > MAX_LINE_BYTES:
+            raise _RecordTooLong(self.start, number, self.head)
+        # surrogateescape keeps invalid bytes visible to the row check instead of failing
+        # the parser's whole iteration.
+        return data.decode("utf-8", "surrogateescape") + "\n"
+
+
+def _raise_field_limit() -> None:
+    """csv's process-wide field limit, raised to one record's bound if it is lower. Raising it
+    cannot break a host program's own parsing (it only accepts longer fields); lowering or
+    restoring it around our rows would race with the host's threads."""
+    if csv.field_size_limit() < MAX_LINE_BYTES:
+        csv.field_size_limit(MAX_LINE_BYTES)
+
+
+class _Parser:
+    """A csv reader over a :class:`_RecordFeed`: CSV (RFC 4180 quoting) or IANA TSV."""
+
+    def __init__(self, lines: Iterator[tuple[int, bytes, bool]], delimiter: str) -> None:
+        _raise_field_limit()
+        self.error: type[Exception] = csv.Error
+        self.kind = "TSV" if delimiter == "\t" else "CSV"
+        self.feed = _RecordFeed(lines)
+        # TSV is the IANA flavour: no quoting, so captions with quotes stay intact.
+        if delimiter == "\t":
+            self._reader = csv.reader(self.feed, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+        else:
+            self._reader = csv.reader(self.feed, delimiter=delimiter)
+
+    def next(self) -> list[str] | None:
+        """The next record (``[]`` for a blank line), None at the end; raises
+        :class:`_RecordTooLong` or :attr:`error` for a bad record (the next call goes on)."""
+        self.feed.new_record()
+        try:
+            fields: list[str] = next(self._reader)
+        except StopIteration:
+            return None
+        return fields
 
 
 def _has_bad_utf8(fields: list[str]) -> bool:
@@ -279,48 +514,72 @@ def _has_bad_utf8(fields: list[str]) -> bool:
     return False
 
 
-def _csv_reader(stream: IO[bytes], name: str, delimiter: str) -> Any:
-    # TSV is the IANA flavour: no quoting, so captions with quotes stay intact.
-    lines = _decoded_lines(_physical_lines(stream, name))
-    if delimiter == "\t":
-        return csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE)
-    return csv.reader(lines, delimiter=delimiter)
-
-
-def _read_header(reader: Any, name: str, url_column: str) -> list[str] | None:
-    for header in reader:
+def _read_header(parser: _Parser, name: str, url_column: str) -> list[str] | None:
+    while True:
+        try:
+            header = parser.next()
+        except _RecordTooLong as exc:
+            raise InputError(
+                f"{name}: the header (line {exc.start}) is longer than {_bound()}: "
+                f"is this really a {parser.kind} file?"
+            ) from None
+        except parser.error as exc:
+            raise InputError(
+                f"{name}: cannot parse the header (line {parser.feed.start}): {exc}"
+            ) from None
+        if header is None:
+            return None  # an empty file: no items
         if not header:
             continue
+        line = parser.feed.start
         if _has_bad_utf8(header):
-            raise InputError(f"{name}: the header row is not valid UTF-8")
+            raise InputError(
+                f"{name}: the header (line {line}) is not valid UTF-8 text; "
+                f"is this really a {parser.kind} file? (save it as UTF-8)"
+            )
         columns = [h.strip() for h in header]
         if url_column not in columns:
-            raise InputError(_no_column(name, url_column, columns, "header"))
+            raise InputError(
+                _no_column(name, url_column, columns, f"the header (line {line})", header=True)
+            )
         return columns
-    return None  # an empty file: no items
 
 
-def _rows_delimited(
-    stream: IO[bytes], name: str, url_column: str, delimiter: str
-) -> Iterator[_Row]:
-    reader = _csv_reader(stream, name, delimiter)
-    header = _read_header(reader, name, url_column)
+def _record_too_long(parser: _Parser, exc: _RecordTooLong) -> _Row:
+    where = (
+        f"line {exc.start}"
+        if exc.start == exc.end
+        else f"the {parser.kind} row at lines {exc.start}-{exc.end} (an unclosed quote?)"
+    )
+    return _bad(
+        exc.start,
+        exc.head.decode("utf-8", "replace"),
+        ErrorCode.BAD_INPUT,
+        f"{where} is longer than {_bound()}, the limit for one input record",
+    )
+
+
+def _rows_delimited(stream: _Lines, name: str, url_column: str, delimiter: str) -> Iterator[_Row]:
+    parser = _Parser(_physical_lines(stream, name), delimiter)
+    header = _read_header(parser, name, url_column)
     if header is None:
         return
     index = header.index(url_column)
-    last = reader.line_num
+    feed = parser.feed
     while True:
         try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield _bad(reader.line_num, "", ErrorCode.BAD_INPUT, f"malformed row: {exc}")
-            last = reader.line_num
+            fields = parser.next()
+        except _RecordTooLong as exc:
+            yield _record_too_long(parser, exc)
             continue
-        line, last = last + 1, reader.line_num
+        except parser.error as exc:
+            raw = feed.head.decode("utf-8", "replace")
+            yield _bad(feed.start, raw, ErrorCode.BAD_INPUT, f"malformed {parser.kind} row: {exc}")
+            continue
+        if fields is None:
+            return
         if fields:
-            yield _delimited_row(line, fields, header, index, delimiter)
+            yield _delimited_row(feed.start, fields, header, index, delimiter)
 
 
 def _delimited_row(
@@ -337,7 +596,12 @@ def _delimited_row(
             f"row has {len(fields)} fields but the header has {len(header)}",
         )
     if index >= len(fields):
-        return _bad(line, delimiter.join(fields), ErrorCode.BAD_INPUT, "row has no URL field")
+        return _bad(
+            line,
+            delimiter.join(fields),
+            ErrorCode.BAD_INPUT,
+            f"row has {len(fields)} fields and no {header[index]!r} field",
+        )
     meta = {h: v for i, (h, v) in enumerate(zip(header, fields, strict=False)) if i != index}
     return _Row(line, fields[index], meta)
 
@@ -363,11 +627,18 @@ def _open_parquet(path: Path) -> Any:
         raise InputError(f"{path}: not a readable parquet file: {exc}") from None
 
 
+def _parquet_columns(path: Path, url_column: str) -> None:
+    with _open_parquet(path) as pf:
+        columns = list(pf.schema_arrow.names)
+    if url_column not in columns:
+        raise InputError(_no_column(str(path), url_column, columns, "the schema"))
+
+
 def _rows_parquet(path: Path, url_column: str) -> Iterator[_Row]:
     with _open_parquet(path) as pf:
         columns = list(pf.schema_arrow.names)
         if url_column not in columns:
-            raise InputError(_no_column(str(path), url_column, columns, "schema"))
+            raise InputError(_no_column(str(path), url_column, columns, "the schema"))
         row = 0
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
             for item in batch.to_pylist():
@@ -382,6 +653,83 @@ def _rows_iterable(items: Iterable[Any], url_column: str) -> Iterator[_Row]:
     for item in items:
         raw = item if isinstance(item, str) else repr(item)
         yield _row_from_value(None, item, url_column, _raw(raw))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_start(stream: _Lines, spec: _Spec, url_column: str) -> None:
+    """Read the start of a text input (at most about 2 * MAX_LINE_BYTES) and raise
+    InputError if it cannot be this format's input; the readers check the rest as they go."""
+    lines = _physical_lines(stream, spec.name, skip_rest=False)
+    blank = 0
+    for number, data, truncated in lines:
+        if number == 1:
+            _sniff(1, data, spec)
+        if not data.strip() and not truncated:
+            blank += len(data) + 1
+            if blank > MAX_LINE_BYTES:
+                return  # nothing but blank lines so far: not cheap to tell
+            continue
+        _sniff(number, data, spec)
+        break
+    else:
+        return  # empty
+    if spec.format in ("csv", "tsv"):
+        delimiter = "\t" if spec.format == "tsv" else ","
+        first = iter([(number, data, truncated)])
+        _read_header(_Parser(_chain(first, lines), delimiter), spec.name, url_column)
+    elif spec.format == "jsonl" and not truncated:
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            return  # a bad first line is that item's problem
+        if isinstance(obj, dict) and url_column not in obj:
+            where = f"the first object (line {number})"
+            raise InputError(_no_column(spec.name, url_column, list(obj), where))
+
+
+def _chain(*parts: Iterator[tuple[int, bytes, bool]]) -> Iterator[tuple[int, bytes, bool]]:
+    for part in parts:
+        yield from part
+
+
+def check_input(
+    source: Source,
+    *,
+    format: str | None = None,
+    url_column: str = "url",
+) -> None:
+    """Raise :class:`InputError` now if ``source`` cannot be read as an input at all.
+
+    Cheap: it opens the input and reads only its start: the CSV/TSV header, the first JSONL
+    record, the parquet schema, the first line of a text list (binary data, such as gzip or
+    parquet bytes under a text name, NUL bytes or UTF-16, is refused). Call it before any work
+    so that a bad input leaves nothing behind. :func:`read_input` calls it too; problems later
+    in the input are found as it streams. For stdin (``"-"``), what it reads is kept and
+    handed to the next reader of stdin, so nothing is lost. An iterable is not checked (that
+    would consume it).
+    """
+    if not isinstance(source, str | os.PathLike):
+        return
+    spec = _resolve(source, format)
+    if spec.path is None:
+        if spec.format == "parquet":
+            raise InputError(
+                "parquet cannot be read from stdin (-); save it to a file and give its name"
+            )
+        replay = _stdin().record()
+        try:
+            _check_start(replay, spec, url_column)
+        finally:
+            replay.rewind()
+        return
+    _check_file(spec.path)
+    if spec.format == "parquet":
+        _parquet_columns(spec.path, url_column)
+        return
+    with _open_binary(spec) as stream:
+        _check_start(stream, spec, url_column)
 
 
 # --------------------------------------------------------------------------- public API
@@ -402,7 +750,9 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
         return 0, 1
     k, n = shard
     if n < 1 or not 0 <= k < n:
-        raise ConfigError(f"shard {k}/{n} is invalid: need 0 <= k < n")
+        raise ConfigError(
+            f"shard {k}/{n} is invalid: need 0 <= K < N (--shard K/N, shard=(k, n) in Python)"
+        )
     return k, n
 
 
@@ -416,40 +766,26 @@ def _numbered(rows: Iterator[_Row], shard: tuple[int, int]) -> Iterator[InputIte
 
 def _file_rows(spec: _Spec, url_column: str) -> Iterator[_Row]:
     if spec.format == "parquet":
-        assert spec.path is not None  # stdin parquet is refused in read_input
+        assert spec.path is not None  # stdin parquet is refused by check_input
         yield from _rows_parquet(spec.path, url_column)
         return
-    name = "<stdin>" if spec.path is None else str(spec.path)
-    stream = _open_binary(spec)
-    try:
-        if spec.format == "txt":
-            yield from _rows_txt(stream, name)
-        elif spec.format == "jsonl":
-            yield from _rows_jsonl(stream, name, url_column)
-        else:
-            delimiter = "\t" if spec.format == "tsv" else ","
-            yield from _rows_delimited(stream, name, url_column, delimiter)
-    finally:
-        if spec.path is not None:
-            stream.close()
-
-
-def _precheck(spec: _Spec, url_column: str) -> None:
-    """Fail before the first item for problems with the file as a whole."""
+    stream: _Lines
     if spec.path is None:
-        if spec.format == "parquet":
-            raise InputError("parquet cannot be read from stdin; save it to a file first")
+        stream = _stdin()  # not ours to close
+        yield from _text_rows(stream, spec, url_column)
         return
-    _check_file(spec.path)
-    if spec.format == "parquet":
-        with _open_parquet(spec.path) as pf:
-            columns = list(pf.schema_arrow.names)
-        if url_column not in columns:
-            raise InputError(_no_column(str(spec.path), url_column, columns, "schema"))
-    elif spec.format in ("csv", "tsv"):
+    with _open_binary(spec) as file:
+        yield from _text_rows(file, spec, url_column)
+
+
+def _text_rows(stream: _Lines, spec: _Spec, url_column: str) -> Iterator[_Row]:
+    if spec.format == "txt":
+        yield from _rows_txt(stream, spec.name)
+    elif spec.format == "jsonl":
+        yield from _rows_jsonl(stream, spec.name, url_column)
+    else:
         delimiter = "\t" if spec.format == "tsv" else ","
-        with _open_binary(spec) as stream:
-            _read_header(_csv_reader(stream, str(spec.path), delimiter), str(spec.path), url_column)
+        yield from _rows_delimited(stream, spec.name, url_column, delimiter)
 
 
 def read_input(
@@ -464,13 +800,14 @@ def read_input(
     ``source`` is a path (format from the extension, ``.gz`` variants of text formats
     included, or ``format=``), ``"-"`` for stdin (txt unless ``format=``), or an iterable of
     URL strings / mappings with a ``url_column`` key. ``shard=(k, n)`` keeps the items whose
-    position ``% n == k``. Whole-input problems (missing file, unknown format, no URL column)
-    raise :class:`InputError` here, before iteration; per-item problems become BadInput.
+    position ``% n == k``. Whole-input problems (missing file, unknown format, no URL column,
+    binary data) raise :class:`InputError` here, before iteration (see :func:`check_input`);
+    per-item problems, such as a record over :data:`MAX_LINE_BYTES`, become BadInput.
     """
     shard_kn = _check_shard(shard)
     if isinstance(source, str | os.PathLike):
         spec = _resolve(source, format)
-        _precheck(spec, url_column)
+        check_input(source, format=format, url_column=url_column)
         return _numbered(_file_rows(spec, url_column), shard_kn)
     return _numbered(_rows_iterable(source, url_column), shard_kn)
 

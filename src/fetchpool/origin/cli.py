@@ -13,7 +13,7 @@ from types import FrameType
 
 import click
 
-from fetchpool.origin.server import ENDPOINTS, Origin
+from fetchpool.origin.server import ENDPOINTS, Origin, image_url_for
 
 __all__ = ["serve_command"]
 
@@ -63,7 +63,9 @@ def _help() -> str:
 @click.option(
     "--write-urls",
     type=click.Path(dir_okay=False, writable=True, allow_dash=True, path_type=Path),
-    help="Write --count image URLs to this file, one per line ('-': stdout).",
+    help="Write --count image URLs to this file, one per line, and serve. '-': write them "
+    "to stdout and exit without serving (binding nothing): the URLs of the origin that "
+    "runs at --host and --port, e.g. for 'fetchpool get -'.",
 )
 @click.option(
     "--count",
@@ -83,6 +85,16 @@ def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
     count: int,
 ) -> None:
     """Run the origin until interrupted (the help text is built by _help())."""
+    if write_urls == Path("-"):
+        # Only a list is asked for: a pipe to 'fetchpool get -' must end, and the origin the
+        # URLs name is another process's (a second bind of its port would fail).
+        if port == 0:
+            raise click.UsageError(
+                "--write-urls - writes the URLs of an origin already running at --host and "
+                "--port without serving; give its --port (0 names no port)"
+            )
+        _write_urls(host, port, write_urls, count)
+        return
     origin = Origin(host, port, latency=latency, jitter=jitter, bandwidth=bandwidth, seed=seed)
     try:
         origin.start()
@@ -90,17 +102,17 @@ def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
     try:
         # The bare URL on its own line, so scripts can read it; the hint goes to stderr.
-        click.echo(origin.base_url, err=write_urls == Path("-"))
+        click.echo(origin.base_url)
         click.echo("fetchpool origin running; Ctrl-C to stop", err=True)
         if write_urls is not None:
-            _write_urls(origin, write_urls, count)
+            _write_urls(origin.host, origin.port, write_urls, count)
         _wait_for_signal()
     finally:
         origin.stop()
 
 
-def _write_urls(origin: Origin, target: Path, count: int) -> None:
-    text = "".join(f"{origin.image_url(n)}\n" for n in range(count))
+def _write_urls(host: str, port: int, target: Path, count: int) -> None:
+    text = "".join(f"{image_url_for(host, port, n)}\n" for n in range(count))
     if target == Path("-"):
         click.echo(text, nl=False)
         return

@@ -79,7 +79,7 @@ from typing import Any, Final
 
 from fetchpool.origin import images
 
-__all__ = ["ENDPOINTS", "Origin", "RequestLog"]
+__all__ = ["ENDPOINTS", "Origin", "RequestLog", "image_url_for"]
 
 #: The endpoints, for ``fetchpool serve --help`` (keep in step with the module docstring).
 ENDPOINTS: Final = (
@@ -670,6 +670,13 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def image_url_for(host: str, port: int, n: int, ext: str = "jpg", *, small: bool = False) -> str:
+    """The URL of image ``n`` on an origin serving at ``host:port``, started or not (what
+    :meth:`Origin.image_url` returns once it is)."""
+    path = f"{'small' if small else 'img'}/{n}.{images.normalize_ext(ext)}"
+    return f"http://{_authority(host, port)}/{path}"
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind one listening socket (the first address of ``host``), so port 0 means one port."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -978,7 +985,7 @@ class Origin:
 
     def image_url(self, n: int, ext: str = "jpg", *, small: bool = False) -> str:
         """URL of image ``n`` (``/img/{n}.{ext}``, or ``/small/...`` when ``small``)."""
-        return self.url(f"/{'small' if small else 'img'}/{n}.{images.normalize_ext(ext)}")
+        return image_url_for(self.host, self.port, n, ext, small=small)
 
     def image_bytes(self, n: int, ext: str = "jpg", *, small: bool = False) -> bytes:
         """Exactly the bytes :meth:`image_url` serves (compare sha256 against these)."""

@@ -8,11 +8,12 @@ tried. A symlink planted at a final name is neither followed nor replaced.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import stat
-from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,14 @@ from fetchpool import fsutil
 from fetchpool.errors import DiskFullError, OutputError
 from fetchpool.models import ErrorCode, Record
 from fetchpool.outputs.naming import file_name, with_counter
-from fetchpool.redact import redact_url, redact_urls
+from fetchpool.redact import redact_url
+from fetchpool.state import schema
 from fetchpool.state.paths import tmp_dir
 
 #: How many ``-N`` variants are tried before the item fails with IO_ERROR.
 MAX_VARIANTS = 100
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _CHUNK = 1024 * 1024
-_TRANSIENT = ("temp_path", "extension", "retry_after")
 
 
 def _file_digest(path: str) -> tuple[int, str] | None:
@@ -161,9 +162,13 @@ class FilesWriter:
 
 
 def _sidecar_bytes(record: Record) -> bytes:
-    fields: dict[str, Any] = {k: v for k, v in asdict(record).items() if k not in _TRANSIENT}
-    fields["url"] = redact_url(record.url)
-    if record.final_url is not None:
-        fields["final_url"] = redact_url(record.final_url)
-    fields["redirects"] = redact_urls(record.redirects)
+    """The record as the manifest shows its row: the journal's columns (transient fields
+    such as ``temp_path`` and ``temp_synced`` left out), enums as their values, URLs
+    redacted."""
+    shown = schema.redact_record(dataclasses.replace(record))  # a copy: ``record`` goes on
+    fields: dict[str, Any] = {name: _plain(getattr(shown, name)) for name in schema.NAMES}
     return (json.dumps(fields, ensure_ascii=False, indent=1, default=str) + "\n").encode()
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value

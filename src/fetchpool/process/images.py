@@ -13,19 +13,32 @@ Defences, in the order they apply:
    ``max_frames`` **before** any pixel is decoded; Pillow's own bomb limit is tightened to the
    same value and its warning is an error.
 3. ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False: a truncated file is ``not_an_image``.
+4. An ``ok`` result has been fully decoded: nothing before the decode may load pixels behind
+   its back (Pillow's PNG ``getexif`` does, and a failed ``load`` leaves an image whose next
+   ``load`` silently returns black pixels), and the paths that keep the original bytes decode
+   every frame first. Any error Pillow raises while parsing or decoding the file is
+   ``not_an_image``, with a message about the content (never the temp file's name);
+   ``process_failed`` is left to crashes, hangs and running out of memory.
+
+Worker processes also route C libraries' stderr (libtiff prints its errors there) to
+``/dev/null``: :func:`quiet_native_stderr`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
+import re
+import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fetchpool import fsutil
 from fetchpool.config import ImageConfig
@@ -53,6 +66,17 @@ _EXTENSIONS = {
 }
 #: EXIF orientations that swap width and height.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+#: What brings each EXIF orientation upright (as ``ImageOps.exif_transpose``, which is not used:
+#: it re-reads and re-serialises the EXIF block, and a broken block would fail the image).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _EXIF_ORIENTATION = 0x0112
 #: Resampling filter for the exact resize. Measured on a 4000x3000 JPEG -> 256x192 (2 cores):
 #: full decode + LANCZOS 104 ms; draft (DCT 1/8) + LANCZOS 16 ms with a mean absolute
@@ -113,25 +137,56 @@ def process_image(src_path: str, dst_dir: str, config: ImageConfig) -> ImageResu
     """Check, orient, resize and encode one image file; return the outcome as a value.
 
     The source file is never modified. Steps: open with the format allow list → header checks
-    (pixels, frames, ``min_size``) → when pixels must change, JPEG draft (DCT scaling to at
-    least the target size, the cheap part of a downscale) then decode → EXIF orientation →
-    resize (``RESAMPLE``) → encode to a new temp file in ``dst_dir``. When nothing about the
-    pixels changes and ``encode="keep"``, the original bytes are kept (``temp_path=None``).
-    ``verify`` fully decodes every frame without changing the bytes.
+    (pixels, frames, ``min_size``) → decode: every frame when the original bytes may be kept
+    or ``verify`` is set, else the first frame, after a JPEG draft (DCT scaling to at least the
+    target size, the cheap part of a downscale) → EXIF orientation → resize (``RESAMPLE``) →
+    encode to a new temp file in ``dst_dir``. When nothing about the pixels changes and
+    ``encode="keep"``, the original bytes are kept (``temp_path=None``), but only after every
+    frame decoded: an ``ok`` always means the image is readable to its end.
     """
     configure_pillow(config.max_pixels)
+    src = Path(src_path)
     try:
         with _strict_warnings():
-            return _process(Path(src_path), dst_dir, config)
+            return _process(src, dst_dir, config)
     except Exception as exc:  # noqa: BLE001 - a worker hands every failure back as a value
-        return ImageResult.failure(*_classify(exc))
+        code, message = _classify(exc, min(config.max_pixels, PILLOW_MAX_PIXELS))
+        return ImageResult.failure(code, _scrub(message, src))
 
 
-def _classify(exc: Exception) -> tuple[ErrorCode, str]:
+def quiet_native_stderr() -> None:
+    """In a worker process: send C-level writes to fd 2 (libtiff's errors) to ``/dev/null``.
+
+    libtiff prints its errors with ``fprintf(stderr, ...)`` while it decodes (Pillow silences
+    only its warnings), which would reach the user's terminal even with ``-q``; the item's own
+    error message already says what was wrong. Python's ``sys.stderr`` is moved to a copy of
+    the original descriptor, so a traceback or a log line a worker really prints is still
+    seen. Pillow's Python logger, which reports broken files at error level (again the
+    item's failure already says it), gets a handler that drops its records in the worker.
+    """
+    logging.getLogger("PIL").addHandler(logging.NullHandler())
+    with suppress(Exception):  # a stderr that cannot be flushed has nothing to lose
+        sys.stderr.flush()
+    try:
+        original = os.dup(2)
+    except OSError:  # no fd 2 at all: nothing can reach a terminal
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+    finally:
+        os.close(devnull)
+    sys.stderr = os.fdopen(original, "w", buffering=1, errors="backslashreplace")
+
+
+def _classify(exc: Exception, limit: int) -> tuple[ErrorCode, str]:
     if isinstance(exc, _Reject):
         return exc.code, exc.message
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return ErrorCode.IMAGE_TOO_LARGE, str(exc)
+        # Pillow's words name its own threshold (twice the limit for the error): say ours.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(found[1]):,} pixels" if found else "the image's size"
+        return ErrorCode.IMAGE_TOO_LARGE, f"{pixels} exceed the limit of {limit:,} pixels"
     if isinstance(exc, MemoryError):
         return ErrorCode.PROCESS_FAILED, "out of memory while processing the image"
     if isinstance(exc, DiskFullError):
@@ -139,6 +194,14 @@ def _classify(exc: Exception) -> tuple[ErrorCode, str]:
     if isinstance(exc, OutputError):
         return ErrorCode.IO_ERROR, str(exc)
     return ErrorCode.PROCESS_FAILED, f"{type(exc).__name__}: {exc}"
+
+
+def _scrub(message: str, src: Path) -> str:
+    """Never name the temp file (``.fetchpool/tmp/.fp-….part``): it means nothing to a user."""
+    for text in (str(src), src.name):
+        if text:
+            message = message.replace(text, "<image>")
+    return message
 
 
 @contextmanager
@@ -155,24 +218,30 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
     with _open(src) as img:
         fmt = img.format or ""
         source_mode = img.mode
-        orientation = _check_header(img, config)
-        width, height = _upright_size(img.size, orientation)
-        target = _target_size(width, height, config)
-        if config.verify:
-            _decode_all_frames(img)
-        if target is None and orientation == 1 and config.encode == "keep":
-            return _kept(src, fmt, width, height)
-        if target is not None and fmt in ("JPEG", "MPO") and not config.verify:
-            # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= the target size.
-            img.draft("RGB", _stored_size(target[0], orientation))
-        _decode(img)
-        if _orientation(img) != orientation:  # PNG eXIf after the pixel data: seen only now
-            orientation = _orientation(img)
+        with _reading(fmt):
+            frames = _check_header(img, config)
+            orientation = _header_orientation(img, fmt)
             width, height = _upright_size(img.size, orientation)
             target = _target_size(width, height, config)
-        ImageOps.exif_transpose(img, in_place=True)
+            reoriented = _stored_orientation(img, fmt) != 1
+            keep = target is None and not reoriented and config.encode == "keep"
+            if keep or config.verify:
+                _decode_all_frames(img, frames)  # the bytes kept must decode to their end
+            else:
+                if target is not None and fmt in ("JPEG", "MPO"):
+                    # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= the target size.
+                    img.draft("RGB", _stored_size(target[0], orientation))
+                img.load()
+            if (found := _orientation(img)) != orientation:  # PNG eXIf after the pixel data
+                orientation, reoriented = found, True
+                width, height = _upright_size(img.size, orientation)
+                target = _target_size(width, height, config)
+        if target is None and not reoriented and config.encode == "keep":
+            return _kept(src, fmt, width, height)
         out = _normalize_mode(img)
         icc = img.info.get("icc_profile") if source_mode in ("RGB", "RGBA") else None
+    if orientation in _TRANSPOSE:
+        out = out.transpose(_TRANSPOSE[orientation])
     if target is not None:
         out = _apply_resize(out, target, config)
     return _encode(
@@ -183,24 +252,144 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
 @contextmanager
 def _open(src: Path) -> Iterator[ImageFile.ImageFile]:
     try:
-        img = Image.open(src, formats=list(ALLOWED_FORMATS))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        handle = src.open("rb")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise _Reject(ErrorCode.IO_ERROR, f"cannot read the fetched file: {reason}") from exc
+    with handle:
+        try:
+            # A file object, not the path: Pillow's messages then never carry the temp name.
+            img = Image.open(handle, formats=list(ALLOWED_FORMATS))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
+            raise
+        except Exception as exc:  # plugins raise many types on garbage
+            raise _Reject(ErrorCode.NOT_AN_IMAGE, _unidentified(handle, exc)) from exc
+        with img:
+            yield img
+
+
+@contextmanager
+def _reading(fmt: str) -> Iterator[None]:
+    """Errors Pillow raises while parsing or decoding the file are the content's fault.
+
+    ``TypeError: Missing dimensions`` (a TIFF frame without a size), ``SyntaxError: APNG
+    contains frame sequence errors``, ``OSError: image file is truncated``, ``decoder error
+    -2``: all ``not_an_image``. Running out of memory stays ``process_failed``.
+    """
+    try:
+        yield
+    except (_Reject, Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
         raise
-    except Exception as exc:  # plugins raise many types on garbage
-        raise _Reject(ErrorCode.NOT_AN_IMAGE, f"not a supported image: {exc}") from exc
-    with img:
-        yield img
+    except Exception as exc:  # any parse or decode error of hostile bytes
+        detail = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, OSError) and "out of memory" in detail:  # decoder status -9
+            raise MemoryError(detail) from exc
+        if not isinstance(exc, OSError | SyntaxError | ValueError | EOFError | TypeError):
+            detail = f"{type(exc).__name__}: {detail}"
+        raise _Reject(ErrorCode.NOT_AN_IMAGE, f"{fmt or 'image'} decoder: {detail}") from exc
+
+
+#: Signatures of the allowed formats: content that starts like one but does not open has a
+#: broken header (and the plugin's own error says how).
+_ALLOWED_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+)
+#: Content that is something else, never decoded (label for the message).
+_OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "PostScript/EPS"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"qoif", "QOI"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x00\x00\x00", "binary data"),  # checked last: ISO media (ftyp) is tested before
+)
+
+
+def _unidentified(handle: io.BufferedReader, exc: Exception) -> str:
+    """Why ``Image.open`` refused the content, in words about the content."""
+    try:
+        handle.seek(0)
+        head = handle.read(512)
+    except OSError:
+        head = b""
+    fmt = _allowed_signature(head)
+    if fmt is not None:
+        return f"broken {fmt} header: {_plugin_error(handle, fmt, exc)}"
+    if not isinstance(exc, UnidentifiedImageError):  # a plugin took it, then gave up
+        return f"cannot open the image: {str(exc).strip() or type(exc).__name__}"
+    return f"cannot identify image file ({_sniff(head)})"
+
+
+def _allowed_signature(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _ALLOWED_SIGNATURES:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def _plugin_error(handle: io.BufferedReader, fmt: str, exc: Exception) -> str:
+    """The format plugin's own error (``Image.open`` hides it behind "cannot identify")."""
+    reason = str(exc)
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "not a valid file of this format"
+        factory = Image.OPEN.get(fmt, (None, None))[0]
+        if factory is not None:
+            try:
+                handle.seek(0)
+                factory(handle, "").close()
+            except Exception as inner:  # noqa: BLE001 - the error is what we came for
+                reason = str(inner).strip() or type(inner).__name__
+    return reason
+
+
+def _sniff(head: bytes) -> str:
+    """A short guess at what content that no allowed format accepted is."""
+    if not head:
+        return "the file is empty"
+    if head[4:8] == b"ftyp":
+        return f"ISO media ({head[8:12].decode('latin-1').strip()}): AVIF, HEIF or video"
+    label = next((label for magic, label in _OTHER_SIGNATURES if head.startswith(magic)), None)
+    return label or _sniff_text(head.lstrip(b"\xef\xbb\xbf \t\r\n").lower(), head)
+
+
+def _sniff_text(text: bytes, head: bytes) -> str:
+    if text.startswith(b"<!doctype html") or b"<html" in text or b"<body" in text:
+        return "html?"
+    if b"<svg" in text:
+        return "SVG?"
+    if text.startswith(b"<?xml"):
+        return "XML?"
+    if text.startswith((b"{", b"[")):
+        return "JSON?"
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head[:64]):
+        return "text?"
+    return f"starts with {head[:8].hex(' ')}"
 
 
 def _check_header(img: ImageFile.ImageFile, config: ImageConfig) -> int:
-    """Bounds from the header only (no pixel decoded yet); returns the EXIF orientation."""
+    """Bounds from the header only (no pixel decoded yet); returns the frame count."""
     width, height = img.size
     if width < 1 or height < 1:
         raise _Reject(ErrorCode.NOT_AN_IMAGE, f"image has an empty size {width}x{height}")
     limit = min(config.max_pixels, PILLOW_MAX_PIXELS)
     if width * height > limit:
         raise _Reject(
-            ErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} exceeds the limit of {limit} pixels"
+            ErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} exceeds the limit of {limit:,} pixels"
         )
     frames = _frame_count(img)
     if frames > config.max_frames:
@@ -212,19 +401,44 @@ def _check_header(img: ImageFile.ImageFile, config: ImageConfig) -> int:
             ErrorCode.IMAGE_TOO_SMALL,
             f"{width}x{height} is smaller than the minimum side {config.min_size}",
         )
-    return _orientation(img)
+    return frames
 
 
 def _frame_count(img: ImageFile.ImageFile) -> int:
     # n_frames walks frame headers without decoding pixels (GIF seeks with update_image off).
     frames = getattr(img, "n_frames", 1)
-    return frames if isinstance(frames, int) else 1
+    return frames if isinstance(frames, int) and frames >= 1 else 1
+
+
+def _header_orientation(img: ImageFile.ImageFile, fmt: str) -> int:
+    """The EXIF orientation still to apply to ``img.size``, read without decoding a pixel.
+
+    TIFF: Pillow applies the orientation itself while loading, and reports the upright size
+    already. PNG: an eXIf chunk may follow the pixel data, and Pillow's ``getexif`` decodes
+    the whole image to look for it (swallowing that decode's error would leave black pixels
+    behind a later ``load`` that does nothing); it is read after the decode instead.
+    """
+    if fmt == "TIFF" or (fmt == "PNG" and "exif" not in img.info):
+        return 1
+    return _orientation(img)
+
+
+def _stored_orientation(img: ImageFile.ImageFile, fmt: str) -> int:
+    """The orientation recorded in the file (a TIFF's tag, although Pillow applies it)."""
+    if fmt == "TIFF":
+        tags = getattr(img, "tag_v2", None)
+        value = tags.get(_EXIF_ORIENTATION, 1) if tags is not None else 1
+        return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    return _header_orientation(img, fmt)
 
 
 def _orientation(img: ImageFile.ImageFile) -> int:
+    had_tiles = bool(img.tile)
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, not fatal
+    except Exception:  # a broken EXIF block is ignored, not fatal
+        if had_tiles and not img.tile:  # getexif started the decode, and the decode failed
+            raise
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -269,22 +483,14 @@ def _scale_side(width: int, height: int, size: int, *, longer: bool) -> tuple[in
     return max(1, round(width * size / height)), size
 
 
-def _decode(img: ImageFile.ImageFile) -> None:
-    try:
-        img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
-        raise
-    except Exception as exc:  # truncated or corrupt data: any decoder error
-        raise _Reject(ErrorCode.NOT_AN_IMAGE, f"cannot decode image: {exc}") from exc
-
-
-def _decode_all_frames(img: ImageFile.ImageFile) -> None:
-    """``verify``: decode every frame (count already capped by ``_check_header``)."""
-    frames = getattr(img, "n_frames", 1)
+def _decode_all_frames(img: ImageFile.ImageFile, frames: int) -> None:
+    """Decode every frame (count already capped by ``_check_header``), then frame 0 again."""
     for index in range(frames):
         img.seek(index)
-        _decode(img)
-    img.seek(0)
+        img.load()
+    if frames > 1:
+        img.seek(0)
+        img.load()
 
 
 def _kept(src: Path, fmt: str, width: int, height: int) -> ImageResult:

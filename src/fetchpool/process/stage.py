@@ -81,8 +81,12 @@ def _init_worker(
     parent_pid: int,
 ) -> None:
     """Runs once in each worker: Pillow limits, address-space cap, signals left to the parent,
-    and an exit when the parent is gone (:mod:`fetchpool.lifeline`)."""
+    and an exit when the parent is gone (:mod:`fetchpool.lifeline`), decoder noise off the
+    terminal (libtiff prints its errors on fd 2, even with ``-q``)."""
+    from fetchpool.process.images import quiet_native_stderr
+
     global _started  # noqa: PLW0603 - per-process state set by the pool initializer
+    quiet_native_stderr()
     _started = started
     # Ctrl-C and SIGTERM reach the whole process group; the parent decides whether to finish
     # or cancel, and kills its workers itself when it must.
@@ -507,10 +511,7 @@ def _apply(record: Record, result: ImageResult) -> None:
 
 def _cancel(record: Record) -> None:
     fsutil.discard(record.temp_path)
-    record.temp_path = None
-    record.status = Status.SKIPPED
-    record.error_code = ErrorCode.CANCELLED
-    record.error_message = "cancelled before the image was processed"
+    record.cancel("cancelled before the image was processed")
 
 
 def _discard_late_output(future: Future[ImageResult]) -> None:

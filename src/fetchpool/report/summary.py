@@ -36,24 +36,29 @@ HINTS: dict[str, str] = {
     "image_too_small": "the image is smaller than --min-size",
     "connect_timeout": "no connection within --connect-timeout",
     "read_timeout": "the server went silent for longer than --read-timeout",
-    "total_timeout": "the attempt took longer than --timeout",
+    "total_timeout": (
+        "the attempt took longer than --timeout: with no response, the server is overloaded "
+        "(lower --per-host); in the body, the transfer is slow (raise --timeout)"
+    ),
     "too_slow": "the transfer stayed below the minimum speed",
     "too_many_redirects": "more redirects than --max-redirects",
 }
 #: HTTP statuses that ask the client to slow down.
-_SLOW_DOWN = {429, 503}
+_SLOW_DOWN = {"429", "503"}
 
 
 def outcome_rows(report: Report) -> list[tuple[str, int]]:
-    """(outcome, items) rows: ok, then failures by error code, largest first, with
-    ``http_error`` split by status (a 404 and a 500 need different actions)."""
+    """(outcome, items) rows: ok, then failures by error code, largest first, split where one
+    code needs different actions (``http_error 404`` / ``http_error 500``, ``total_timeout
+    (no response)`` / ``total_timeout (in the body)``)."""
     rows: list[tuple[str, int]] = []
     for code, count in report.errors.items():
-        if code == "http_error" and report.http_statuses:
-            split = sum(report.http_statuses.values())
-            rows += [(f"http_error {s}", n) for s, n in report.http_statuses.items()]
-            if count > split:
-                rows.append(("http_error", count - split))
+        details = report.breakdown.get(code)
+        if details:
+            spell = "{} {}" if code == "http_error" else "{} ({})"
+            rows += [(spell.format(code, detail), n) for detail, n in details.items()]
+            if count > sum(details.values()):
+                rows.append((str(code), count - sum(details.values())))
         else:
             rows.append((f"skipped: {code}" if code == "duplicate" else str(code), count))
     rows.sort(key=lambda row: (-row[1], row[0]))
@@ -65,7 +70,8 @@ def advice(report: Report) -> list[str]:
     # Hints for what failed in this run; earlier failures get the --retry-failed line.
     fresh = [c for c, n in report.errors.items() if n > report.resumed_errors.get(c, 0)]
     lines = [f"{code}: {HINTS[code]}" for code in sorted(fresh) if code in HINTS]
-    slow = sum(n for s, n in report.http_statuses.items() if s in _SLOW_DOWN)
+    statuses = report.breakdown.get("http_error", {})
+    slow = sum(n for status, n in statuses.items() if status in _SLOW_DOWN)
     if slow:
         lines.append(
             f"http_error 429/503 ({slow:,}): the server asked to slow down; "
