@@ -342,3 +342,40 @@ def test_a_stall_before_the_head_and_one_in_the_body_are_told_apart(
     assert report.breakdown == {"total_timeout": {"in the body": 1, "no response": 1}}
     rows = dict(outcome_rows(report))
     assert rows["total_timeout (in the body)"] == rows["total_timeout (no response)"] == 1
+
+
+def test_a_host_many_others_redirect_to_keeps_its_per_host_limit(tmp_path: Path) -> None:
+    """Ten hosts each redirect to one CDN: the CDN sees at most --per-host requests at once
+    (the attempt goes on queued under the CDN's host, not under the host it started on)."""
+    import socket
+    import urllib.parse
+
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.12", 0))
+    except OSError:
+        pytest.skip("cannot bind 127.0.0.12 here")
+    finally:
+        probe.close()
+    per_host, latency = 2, 0.25
+    cdn = Origin(host="127.0.0.2", latency=latency).start()
+    front = [Origin(host=f"127.0.0.{3 + i}").start() for i in range(10)]
+    try:
+        urls = []
+        for i in range(40):
+            target = urllib.parse.quote(cdn.image_url(i, small=True), safe="")
+            urls.append(front[i % 10].url(f"/redirect-to?url={target}"))
+        report = download(urls, tmp_path / "out", threads=16, per_host=per_host, **LOOPBACK)
+        assert report.ok == 40, report.errors
+        starts = sorted(r.time for r in cdn.requests("/small/"))
+        assert len(starts) == 40
+        # Each CDN request takes `latency`: more than per_host starting within one latency
+        # window means more than per_host were in flight there at once.
+        busiest = max(sum(1 for t in starts if s <= t < s + latency * 0.8) for s in starts)
+        assert busiest <= per_host, busiest
+        records = list(report.records())
+        assert all(r.attempts == 1 and len(r.redirects) == 1 for r in records)
+        assert all(r.final_url and r.final_url.startswith(cdn.url("/small/")) for r in records)
+    finally:
+        for origin in [cdn, *front]:
+            origin.stop()

@@ -82,6 +82,21 @@ RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
+class Hop:
+    """Where an attempt goes on after a redirect to another host.
+
+    The fetcher stops at such a redirect and hands the item back; the scheduler queues it
+    under the new host, so a host that many others redirect to (a CDN) keeps its per-host
+    limit. The next leg starts at ``url`` with the chain so far (``redirects``, as recorded;
+    ``seen``, as requested, for loop detection) and without credentials.
+    """
+
+    url: str
+    redirects: tuple[str, ...] = ()
+    seen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """One URL to fetch, as read from the input.
 
@@ -94,6 +109,7 @@ class Job:
     url: str
     line: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    hop: Hop | None = None  # set when the attempt goes on after a redirect to another host
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +166,9 @@ class Record:
     retry_after: float | None = None
     # Transient: temp_path's bytes were fsynced by whoever wrote them (the writer then skips it).
     temp_synced: bool = False
+    # Transient: the attempt reached a redirect to another host and goes on from there, under
+    # that host's limits (see Hop); nothing was fetched yet.
+    moved_to: Hop | None = None
 
     @property
     def ok(self) -> bool:

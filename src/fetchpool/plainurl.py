@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
-__all__ = ["PlainURL", "split_plain"]
+__all__ = ["PlainURL", "host_key", "split_plain"]
 
 # Path and query: RFC 3986 unreserved, sub-delims, ":@/" (and "?" in the query), and "%"
 # only as an upper-case escape. parse_url leaves exactly these untouched; anything else it
@@ -46,3 +47,15 @@ def split_plain(url: str) -> PlainURL | None:
         if not 1 <= number <= 65535:
             return None
     return PlainURL(scheme, host.lower(), number, (path or "/") + (query or ""))
+
+
+def host_key(url: str) -> str:
+    """The politeness key of a URL: its lower-cased host name (ports share a host's budget).
+
+    The scheduler keeps per-host limits by it, and the fetcher hands an item back to the
+    scheduler when a redirect leads to another key (:class:`fetchpool.models.Hop`).
+    """
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""

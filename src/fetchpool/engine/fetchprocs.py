@@ -166,7 +166,12 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
     keep_heap_trimmed()
     from fetchpool.outputs.files import FilesWriter
 
-    fetcher = HttpFetcher(spec.fetch, Path(spec.tmp_dir), sync_temp=spec.publish_to is not None)
+    fetcher = HttpFetcher(
+        spec.fetch,
+        Path(spec.tmp_dir),
+        sync_temp=spec.publish_to is not None,
+        hand_back_redirects=True,
+    )
     writer = (
         FilesWriter(Path(spec.publish_to), sidecar=spec.sidecar)
         if spec.publish_to is not None

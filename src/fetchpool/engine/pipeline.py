@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -515,6 +515,9 @@ class Pipeline:
         self._report.busy += max(0.0, done.task.end - done.task.start)
         now = time.monotonic()
         self._scheduler.release(entry.host, now)
+        if record.moved_to is not None:
+            self._move(entry, record)
+            return
         record.attempts = entry.attempts
         if record.status is Status.OK:  # before the CPU stage replaces bytes and sha256
             record.fetched_bytes, record.fetched_sha256 = record.bytes, record.sha256
@@ -537,6 +540,19 @@ class Pipeline:
             self._images.submit(record)
         else:
             self._publish(record)
+
+    def _move(self, entry: _Open, record: Record) -> None:
+        """A redirect led to another host: the same attempt goes on, queued under that host,
+        so its per-host limit and rate hold for every item redirected there."""
+        hop = record.moved_to
+        assert hop is not None
+        if self._stop.is_set():
+            self._drop(record)
+            return
+        entry.job = replace(entry.job, hop=hop)
+        entry.host = host_key(hop.url)
+        entry.attempts -= 1  # counted again when dispatched: it is still the same attempt
+        self._scheduler.add(entry.host, entry)
 
     def _retry_or_finish(self, entry: _Open, record: Record, now: float) -> None:
         policy = entry.policy
@@ -661,7 +677,13 @@ class Pipeline:
         guard = AddressGuard(
             allow_private_networks=fetch.allow_private_networks, allow_cidrs=fetch.allow_cidrs
         )
-        return HttpFetcher(fetch, tmp_dir, guard=guard, sync_temp=self._publish_in_fetch)
+        return HttpFetcher(
+            fetch,
+            tmp_dir,
+            guard=guard,
+            sync_temp=self._publish_in_fetch,
+            hand_back_redirects=True,
+        )
 
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer

@@ -15,17 +15,12 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-from urllib.parse import urlsplit
+
+from fetchpool.plainurl import host_key
+
+__all__ = ["HostScheduler", "host_key"]
 
 T = TypeVar("T")
-
-
-def host_key(url: str) -> str:
-    """The politeness key of a URL: its lower-cased host name (ports share a host's budget)."""
-    try:
-        return (urlsplit(url).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 @dataclass(slots=True)

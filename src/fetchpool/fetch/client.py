@@ -39,8 +39,8 @@ from fetchpool.fetch.decoding import Decoder, decoder_for
 from fetchpool.fetch.guard import AddressGuard
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
 from fetchpool.fetch.transport import Watch, Watchdog
-from fetchpool.models import ErrorCode, Job, Record, Status
-from fetchpool.plainurl import split_plain
+from fetchpool.models import ErrorCode, Hop, Job, Record, Status
+from fetchpool.plainurl import host_key, split_plain
 from fetchpool.policies import parse_retry_after
 from fetchpool.redact import redact_text, redact_url
 
@@ -151,7 +151,9 @@ class HttpFetcher:
     one built from ``config``; ``clock`` is the monotonic clock used for deadlines and speed.
     ``sync_temp``: fsync each body before closing it (``record.temp_synced``), for a writer
     that names the temp file as it is: one fsync on the open file instead of the writer's
-    open, fsync, close later.
+    open, fsync, close later. ``hand_back_redirects``: stop at a redirect to another host
+    and return the record with ``moved_to`` set (:class:`~fetchpool.models.Hop`), for a
+    scheduler that keeps per-host limits; the job's ``hop`` then resumes there.
     """
 
     def __init__(
@@ -162,9 +164,11 @@ class HttpFetcher:
         guard: AddressGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
         sync_temp: bool = False,
+        hand_back_redirects: bool = False,
     ) -> None:
         self._config = config
         self._sync_temp = sync_temp
+        self._hand_back = hand_back_redirects
         self._tmp_dir = Path(tmp_dir)
         self._guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
         self._clock = clock
@@ -187,7 +191,7 @@ class HttpFetcher:
             deadline = self._clock() + self._config.total_timeout
             try:
                 with self._watchdog.watch(deadline) as watch:
-                    self._follow(record, _Attempt(deadline, self._clock, watch))
+                    self._follow(record, _Attempt(deadline, self._clock, watch), job.hop)
             except FetchError as exc:
                 _fail(record, exc)
             finally:
@@ -201,11 +205,19 @@ class HttpFetcher:
 
     # -- hops ---------------------------------------------------------------------------------
 
-    def _follow(self, record: Record, attempt: _Attempt) -> None:
-        url = record.url
-        target = _parse_target(url)
-        headers = self._initial_headers(target) if target.auth else self._base_headers
-        seen = {url}
+    def _follow(self, record: Record, attempt: _Attempt, hop: Hop | None) -> None:
+        if hop is None:
+            url = record.url
+            target = _parse_target(url)
+            headers = self._initial_headers(target) if target.auth else self._base_headers
+            seen = {url}
+        else:  # a leg after a redirect to another host: credentials were dropped then
+            url = hop.url
+            target = _parse_target(url)
+            headers = _without_credentials(self._base_headers)
+            seen = set(hop.seen)
+            record.redirects = list(hop.redirects)
+        leg_start = url  # the URL the scheduler queued this attempt under
         while True:
             response = self._open(target, headers, attempt)
             location = _redirect_location(response)
@@ -224,6 +236,9 @@ class HttpFetcher:
                     http_status=response.status,
                 )
             seen.add(next_url)
+            if self._hand_back and host_key(next_url) != host_key(leg_start):
+                record.moved_to = Hop(next_url, tuple(record.redirects), tuple(seen))
+                return
             next_target = _parse_target(next_url)
             if next_target.origin != target.origin:
                 headers = _without_credentials(headers)

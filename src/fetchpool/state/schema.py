@@ -19,7 +19,7 @@ from fetchpool.redact import redact_url, redact_urls
 SCHEMA_VERSION = 2
 
 #: Record fields never persisted: they only live while an item is in flight.
-TRANSIENT = frozenset({"temp_path", "extension", "retry_after", "temp_synced"})
+TRANSIENT = frozenset({"temp_path", "extension", "retry_after", "temp_synced", "moved_to"})
 
 #: Persisted columns and their SQLite types, in Record field order. Checked against
 #: models.Record at import so a new Record field cannot be silently dropped.
