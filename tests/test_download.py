@@ -293,7 +293,10 @@ def test_a_dead_fetch_worker_costs_only_its_items(tmp_path: Path) -> None:
         report = pipeline.run(urls)
     assert killed
     assert report.items == 40
-    assert report.ok >= 20  # the surviving worker carried on
+    # Only the jobs running in the dead worker fail: at most its 2 threads' worth (4 threads
+    # over 2 processes). Jobs dispatched to it after its death, which never started, go to
+    # the live worker (they used to cascade: a dead worker looks the least busy).
+    assert report.failed <= 2 and report.ok == 40 - report.failed
     assert set(report.errors) <= {"internal_error"}
 
 

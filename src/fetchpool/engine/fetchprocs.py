@@ -305,6 +305,7 @@ class ProcessFetchPool:
     def flush(self) -> None:
         """Send each worker the jobs submitted since the last flush, in one message; never
         blocks for long (pipes are buffered)."""
+        rerouted = False
         for worker in self._workers:
             with self._lock:
                 batch, worker.outbox = worker.outbox, []
@@ -314,11 +315,33 @@ class ProcessFetchPool:
                 with worker.send_lock:
                     worker.conn.send(batch)
             except OSError:
-                for task_id, *_ in batch:
-                    self._lost(worker, task_id)
+                rerouted = self._reroute(worker, batch) or rerouted
+                continue
             if not worker.alive:  # died while we sent: its reader may already have swept
                 for task_id, *_ in batch:
                     self._lost(worker, task_id)
+        if rerouted:
+            self.flush()
+
+    def _reroute(self, worker: _Worker, batch: list[tuple[int, Job, int]]) -> bool:
+        """``worker`` is gone before ``batch`` reached it: mark it dead at once (its reader
+        may not have run yet, and a dead worker with nothing in flight looks the least busy,
+        so every job dispatched meanwhile would go there and fail), and give the jobs, which
+        never started, to a live worker. True when they were moved; with none alive, they
+        fail."""
+        with self._lock:
+            worker.alive = False
+            live = [w for w in self._workers if w.alive]
+            for task_id, job, attempt in batch if live else ():
+                entry = worker.in_flight.pop(task_id, None)
+                if entry is not None:
+                    target = min(live, key=lambda w: len(w.in_flight))
+                    target.in_flight[task_id] = entry
+                    target.outbox.append((task_id, job, attempt))
+        if not live:
+            for task_id, *_ in batch:
+                self._lost(worker, task_id)
+        return bool(live)
 
     def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
         """Stop the workers: after their in-flight jobs are delivered, or at once (cancel;
