@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import os
 import sys
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -154,24 +153,24 @@ def _zeros_gzip(size: int, layers: int) -> bytes:
     return body
 
 
-def _peak_while(action: Callable[[], Record]) -> tuple[Record, int, float]:
+def _peak_while(action: Callable[[], Record]) -> tuple[Record, int]:
+    """The record and the most memory Python held at once while ``action`` ran (the bound
+    that matters: the error code says it stopped, the peak that it never inflated)."""
     tracemalloc.start()
-    began = time.monotonic()
     try:
         record = action()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return record, peak, time.monotonic() - began
+    return record, peak
 
 
 def test_max_bytes_bounds_the_decoded_size_with_flat_memory(make_fetcher, tmp_dir: Path) -> None:
     bomb = _zeros_gzip(64 * MiB, 1)  # 64 KB that inflate to 64 MiB (1000:1)
     assert len(bomb) < CONFIG.max_bytes
-    record, peak, elapsed = _peak_while(lambda: fetch_body(make_fetcher, bomb, "gzip"))
+    record, peak = _peak_while(lambda: fetch_body(make_fetcher, bomb, "gzip"))
     assert_failed(record, ErrorCode.TOO_LARGE, tmp_dir, "decoded", f"max_bytes={CONFIG.max_bytes}")
     assert peak < 4 * MiB, f"decoding held {peak} bytes at once"
-    assert elapsed < 5
 
 
 def test_stacked_bomb_stops_at_the_ratio_bound_long_before_max_bytes(
@@ -181,12 +180,11 @@ def test_stacked_bomb_stops_at_the_ratio_bound_long_before_max_bytes(
     bomb = _zeros_gzip(64 * MiB, 3)
     assert len(bomb) < 4096
     config = FetchConfig(**{**_fields(CONFIG), "max_bytes": 100 * MiB})
-    record, peak, elapsed = _peak_while(
+    record, peak = _peak_while(
         lambda: fetch_body(make_fetcher, bomb, "gzip, gzip, gzip", config=config)
     )
     assert_failed(record, ErrorCode.TOO_LARGE, tmp_dir, f"{MAX_RATIO}x", "bomb")
     assert peak < 4 * MiB, f"decoding held {peak} bytes at once"
-    assert elapsed < 5
 
 
 def _fields(config: FetchConfig) -> dict[str, object]:

@@ -5,8 +5,9 @@ Contracts every implementation keeps:
 * :class:`Fetcher` makes **one attempt** at a URL (following redirects). It never sleeps for
   a retry: the scheduler owns retries, backoff and ``Retry-After``, so a slow or rate-limited
   host costs only its own items, never a thread. On success the record has ``status=OK``,
-  ``temp_path`` (a complete, fsynced temp file inside the run's temp folder), ``bytes``,
-  ``sha256``, ``content_type``, ``extension`` and ``final_url``; on failure ``status=FAILED``
+  ``temp_path`` (a complete, fsynced temp file inside the run's temp folder), ``bytes`` and
+  ``sha256`` (also as ``fetched_bytes`` / ``fetched_sha256``, which the CPU stage leaves as
+  they are), ``content_type``, ``extension`` and ``final_url``; on failure ``status=FAILED``
   with ``error_code`` / ``error_message`` / ``http_status`` / ``retry_after`` and no temp file.
   It must be safe to call from many threads at once.
 * :class:`Writer` publishes records whose ``temp_path`` is set and returns the records whose

@@ -519,8 +519,6 @@ class Pipeline:
             self._move(entry, record)
             return
         record.attempts = entry.attempts
-        if record.status is Status.OK:  # before the CPU stage replaces bytes and sha256
-            record.fetched_bytes, record.fetched_sha256 = record.bytes, record.sha256
         if record.error_code is ErrorCode.DISK_FULL:
             self._fatal(record, record.error_message or "disk full")
             return
