@@ -206,6 +206,17 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     help="Allow loopback/private/link-local destinations (off by default).",
 )
 @click.option("--allow-cidr", "allow_cidrs", multiple=True, help="Allow this network (repeatable).")
+@click.option(
+    "--cluster",
+    metavar="ADDRESS",
+    help="Spread the run over a Dask cluster: tcp://host:8786, or local / local:N "
+    "(N worker processes started here). See docs/distributed.md.",
+)
+@click.option(
+    "--parts",
+    type=click.IntRange(min=1),
+    help="With --cluster: parts the input is cut into (default: 4 per worker; pinned in OUT).",
+)
 @click.option("--timeline", type=click.Path(path_type=Path), help="Write a timeline SVG here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", count=True, help="Log each item (-vv: debug).")
@@ -223,7 +234,12 @@ def get_command(source: str, out: Path, **kw: Any) -> None:
         kw.pop("timeline"),
     )
     _setup_logging(verbose, log_file)
+    cluster, parts = kw.pop("cluster"), kw.pop("parts")
+    if parts is not None and cluster is None:
+        raise click.UsageError("--parts goes with --cluster")
     options = _options(kw)
+    if cluster is not None:
+        sys.exit(_run_cluster(source, out, options, cluster=cluster, parts=parts, quiet=quiet))
     sys.exit(_run_get(source, out, options, quiet=quiet, verbose=verbose, timeline=timeline))
 
 
@@ -300,6 +316,29 @@ def _run_get(
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _run_cluster(
+    source: str, out: Path, options: Any, *, cluster: str, parts: int | None, quiet: bool
+) -> int:
+    """``get --cluster``: the parts run as Dask tasks; Ctrl-C stops them and saves state."""
+    from fetchpool.cluster import download_on_cluster
+    from fetchpool.errors import FetchpoolError
+
+    try:
+        report = download_on_cluster(source, out, options, cluster=cluster, parts=parts)
+    except FetchpoolError as exc:
+        click.echo(f"fetchpool: {_error_kind(exc)}: {exc}", err=True)
+        return EXIT_RUN_ERROR
+    if not quiet:
+        from rich.console import Console
+
+        from fetchpool.report.summary import render_summary
+
+        render_summary(report, Console(stderr=True, width=100_000, soft_wrap=True))
+    elif report.fatal:
+        click.echo(f"fetchpool: {report.fatal_kind or 'error'}: {report.fatal}", err=True)
+    return 130 if report.interrupted and not report.fatal else report.exit_code
 
 
 def _error_kind(exc: Exception) -> str:

@@ -46,7 +46,7 @@ from fetchpool.engine.fetchprocs import (
 )
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
-from fetchpool.errors import DiskFullError, FetchpoolError, OutputError
+from fetchpool.errors import ConfigError, DiskFullError, FetchpoolError, OutputError
 from fetchpool.events import Broadcast, ItemFinished, Observer, RunFinished, RunStarted
 from fetchpool.models import BadInput, ErrorCode, Job, Record, Status
 from fetchpool.policies import RetriesExhausted, RetryPolicy
@@ -253,26 +253,49 @@ class Pipeline:
         return self._hurry.is_set()
 
     def run(self, source: Source) -> Report:
-        from fetchpool.heap import keep_heap_trimmed
         from fetchpool.inputs import check_input, read_input
+
+        # A missing file, an unknown format or no URL column: refused before OUT is touched.
+        check_input(source, format=self.options.input_format, url_column=self.options.url_column)
+        if (self.out / ".fetchpool" / "plan.json").is_file():
+            raise ConfigError(
+                f"{self.out} holds a cluster run (its parts are in {self.out}/part-*): "
+                "rerun it with --cluster, or write this run elsewhere"
+            )
+        name, size = _describe(source)
+        return self.run_items(
+            lambda: read_input(
+                source,
+                format=self.options.input_format,
+                url_column=self.options.url_column,
+                shard=self.options.shard,
+            ),
+            source_name=name,
+            source_size=size,
+            total=lambda: self._total(source),
+        )
+
+    def run_items(
+        self,
+        items: Callable[[], Iterator[Job | BadInput]],
+        *,
+        source_name: str | None = None,
+        source_size: int | None = None,
+        total: Callable[[], int | None] = lambda: None,
+    ) -> Report:
+        """Run over input items already read and numbered (``items()`` is called once the
+        journal is open): what :meth:`run` does after reading, and what a part of a cluster
+        run does with its part of the input (positions stay those of the whole input)."""
+        from fetchpool.heap import keep_heap_trimmed
         from fetchpool.state.journal import Journal
 
         keep_heap_trimmed()
         started = time.perf_counter()
-        # A missing file, an unknown format or no URL column: refused before OUT is touched.
-        check_input(source, format=self.options.input_format, url_column=self.options.url_column)
-        name, size = _describe(source)
         try:
-            with Journal.open(self.out, source=name, source_size=size) as journal:
+            with Journal.open(self.out, source=source_name, source_size=source_size) as journal:
                 self._journal = journal
-                self._observers.on_event(RunStarted(total=self._total(source), out=str(self.out)))
-                items = read_input(
-                    source,
-                    format=self.options.input_format,
-                    url_column=self.options.url_column,
-                    shard=self.options.shard,
-                )
-                self._loop(items)
+                self._observers.on_event(RunStarted(total=total(), out=str(self.out)))
+                self._loop(items())
         except DiskFullError as exc:  # the journal's last commit, at close
             self._stop_run("disk_full", str(exc))
         self._report.wall = time.perf_counter() - started
@@ -782,7 +805,14 @@ def download(
     stage configs (``threads=64``, ``per_host=16``, ``resize=256``, ``format="webdataset"``...).
     Re-running with the same ``out`` resumes: finished items are not fetched again.
     ``fetcher`` replaces the HTTP client (e.g. ``lambda tmp: MockFetcher(handler, tmp)``).
+    ``cluster`` (a ``distributed.Client``, ``"tcp://host:8786"`` or ``"local:N"``) spreads the
+    run over Dask workers, the input cut into ``parts`` (docs/distributed.md).
     """
+    cluster, parts = options.pop("cluster", None), options.pop("parts", None)
     opts = options.pop("options", None) or Options.from_kwargs(**options)
+    if cluster is not None:
+        from fetchpool.cluster import download_on_cluster
+
+        return download_on_cluster(source, Path(out), opts, cluster=cluster, parts=parts)
     pipeline = Pipeline(Path(out), opts, fetcher=fetcher, observers=observers)
     return pipeline.run(source)

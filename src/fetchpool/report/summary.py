@@ -117,4 +117,7 @@ def render_summary(report: Report, console: Console) -> None:
         )
     for line in advice(report):
         console.print(f"hint: {line}", highlight=False)
-    console.print(f"output: {report.out}   state: {report.out / '.fetchpool' / 'state.db'}")
+    state = report.out / ".fetchpool" / "state.db"
+    if (report.out / ".fetchpool" / "plan.json").is_file():  # a cluster run: one per part
+        state = report.out / "part-*" / ".fetchpool" / "state.db"
+    console.print(f"output: {report.out}   state: {state}")

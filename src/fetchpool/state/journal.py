@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
-from fetchpool.state.paths import db_path, lock_path, state_dir, tmp_dir
+from fetchpool.state.paths import db_path, lock_path, part_folders, state_dir, tmp_dir
 
 log = logging.getLogger("fetchpool")
 
@@ -556,6 +557,11 @@ def iter_journal(
     Takes no lock, so it works during a run (showing what is committed so far) and after
     it. Raises :class:`StateError` when ``out`` has no journal (on first iteration).
     """
+    parts = part_folders(Path(out))
+    if parts is not None:  # a cluster run's destination: its parts' records, by position
+        streams = [iter_journal(part, status=status, redact=redact) for part in parts]
+        yield from heapq.merge(*streams, key=lambda record: record.position)
+        return
     path = db_path(Path(out))
     if not path.is_file():
         raise StateError(f"no journal in {out} (expected {path}): nothing was run there")

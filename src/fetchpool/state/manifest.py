@@ -22,7 +22,7 @@ from fetchpool.errors import ConfigError, StateError
 from fetchpool.models import Status
 from fetchpool.state import schema
 from fetchpool.state.journal import connect
-from fetchpool.state.paths import db_path
+from fetchpool.state.paths import db_path, part_folders
 
 ManifestFormat = Literal["jsonl", "csv", "parquet"]
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet")
@@ -168,12 +168,15 @@ def export_manifest(
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown manifest format {fmt!r} (use one of: {', '.join(FORMATS)})")
-    folders = [Path(out)] if isinstance(out, str | os.PathLike) else [Path(o) for o in out]
+    given = [Path(out)] if isinstance(out, str | os.PathLike) else [Path(o) for o in out]
+    # A cluster run's destination stands for its parts (docs/distributed.md); their paths
+    # are then prefixed with the part's folder, so they stay relative to the destination.
+    folders = [part for folder in given for part in (part_folders(folder) or [folder])]
     with ExitStack() as stack:
         conns = [_open_journal(folder) for folder in folders]
         for conn in conns:
             stack.callback(conn.close)
-        if len(conns) == 1:
+        if folders == given and len(conns) == 1:
             rows = _dicts(conns[0], status)
         else:
             streams = [

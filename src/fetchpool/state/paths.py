@@ -28,3 +28,12 @@ def lock_path(out: Path) -> Path:
 def tmp_dir(out: Path) -> Path:
     """``OUT/.fetchpool/tmp``: temp files, same filesystem as OUT so renames are atomic."""
     return state_dir(out) / TMP_NAME
+
+
+def part_folders(out: Path) -> list[Path] | None:
+    """The part folders of a cluster run's destination (``OUT/part-NNNNN`` with a journal),
+    in part order; None when ``out`` is not one (it has no ``.fetchpool/plan.json``)."""
+    out = Path(out)
+    if not (state_dir(out) / "plan.json").is_file():
+        return None
+    return sorted(p.parent.parent for p in out.glob("part-*/" + STATE_DIR + "/" + DB_NAME))

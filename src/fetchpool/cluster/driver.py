@@ -1,0 +1,219 @@
+"""The driver of a cluster run: plan the parts, run them as Dask tasks, sum their reports.
+
+::
+
+    input ──one streaming pass──▶ DEST/.fetchpool/parts/part-K.jsonl.gz   (plan.split)
+                                        │ a Dask task per part not done yet, a bounded window
+                                        ▼
+              worker: run_part(K) = an ordinary run into DEST/part-K (its own journal)
+                                        │ Report
+                                        ▼
+              driver: part-K.done, reports summed into one Report for DEST
+
+Every ``get`` option means what it means on one machine, per part, with one exception:
+``--per-host`` is a limit for the whole run, so it is shared out among the parts that run at
+once (each gets ``ceil(per_host / workers)``). ``--threads`` is per part. A worker killed
+mid-part makes Dask run the part again elsewhere, resuming from its journal; a part that keeps
+failing ends the run with an error naming the part. Ctrl-C (a KeyboardInterrupt here) asks every
+running part to stop, which saves its state, and leaves the rest for the next run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fetchpool.cluster import plan as plans
+from fetchpool.cluster.part import run_part
+from fetchpool.config import Options
+from fetchpool.engine.pipeline import Report, Source
+from fetchpool.errors import ConfigError
+from fetchpool.models import Status
+
+_INSTALL_HINT = "cluster runs need dask.distributed: pip install 'fetchpool[dask]'"
+#: Parts when --parts is not given: several per worker, so a slow part does not leave the
+#: others idle at the end, few enough that each part's journal stays worth having.
+PARTS_PER_WORKER = 4
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigError(_INSTALL_HINT) from exc
+    return distributed
+
+
+@contextmanager
+def connect(cluster: Any) -> Iterator[Any]:
+    """A Dask client for ``cluster``: a Client as it is, ``tcp://host:port`` (a scheduler),
+    or ``local`` / ``local:N`` (a LocalCluster of N worker processes, stopped at the end)."""
+    distributed = _distributed()
+    if isinstance(cluster, distributed.Client):
+        yield cluster
+        return
+    address = str(cluster)
+    if address == "local" or address.startswith("local:"):
+        count = address.partition(":")[2]
+        if count and not count.isdigit():
+            raise ConfigError(f"--cluster {address}: expected local or local:N")
+        workers = int(count) if count else max(1, os.cpu_count() or 1)
+        import dask
+
+        # Workers start fetchpool's own processes; lifeline ties them to the worker.
+        with dask.config.set({"distributed.worker.daemon": False}):
+            local = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        try:
+            with distributed.Client(local) as client:
+                yield client
+        finally:
+            local.close()
+        return
+    try:
+        client = distributed.Client(address, timeout=30)
+    except OSError as exc:
+        raise ConfigError(f"--cluster {address}: cannot reach the scheduler ({exc})") from exc
+    with client:
+        yield client
+
+
+def download_on_cluster(
+    source: Source, dest: Path, options: Options, *, cluster: Any, parts: int | None = None
+) -> Report:
+    """Run ``source`` into ``dest`` as parts on ``cluster`` (see the module docstring)."""
+    from fetchpool.inputs import check_input, read_input
+
+    if not isinstance(source, str | os.PathLike) or str(source) == "-":
+        raise ConfigError("--cluster needs an input file (not stdin or an iterable)")
+    if options.shard is not None:
+        raise ConfigError("--cluster and --shard do not go together: the cluster makes parts")
+    check_input(source, format=options.input_format, url_column=options.url_column)
+    dest = Path(dest)
+    if (dest / ".fetchpool" / "state.db").exists():
+        raise ConfigError(
+            f"{dest} holds a run made without --cluster; write the cluster run elsewhere"
+        )
+    started = time.perf_counter()
+    with connect(cluster) as client:
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        name, size, digest = plans.fingerprint(source)
+        wanted = plans.Plan(name, size, digest, parts or PARTS_PER_WORKER * workers)
+        found = plans.load(dest)
+        if found is not None:
+            plans.check_matches(found, replace(wanted, parts=parts or found.parts), dest)
+            plan = found
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            items = read_input(source, format=options.input_format, url_column=options.url_column)
+            plans.split(items, dest, wanted)
+            plan = wanted
+        report = _run_parts(client, dest, plan, _per_task(options, workers))
+    report.wall = time.perf_counter() - started
+    return report
+
+
+def _per_task(options: Options, workers: int) -> Options:
+    """--per-host is for the whole run: shared out among the parts running at once."""
+    fetch = options.fetch
+    share = max(1, math.ceil(fetch.per_host / workers))
+    return replace(options, fetch=replace(fetch, per_host=share))
+
+
+def _run_parts(client: Any, dest: Path, plan: plans.Plan, options: Options) -> Report:
+    distributed = _distributed()
+    total = Report(out=dest)
+    todo = []
+    for index in range(plan.parts):
+        done = plans.read_done(dest, index)
+        if done is not None and not (options.retry_failed and done.get("failed")):
+            _add_done(total, done)
+        else:
+            todo.append(index)
+    stop = f"fetchpool-stop-{uuid.uuid4().hex}"
+    futures = {
+        client.submit(
+            run_part, str(dest), index, options, stop, key=f"fetchpool-part-{index}-{stop}"
+        ): index
+        for index in todo
+    }
+    failures: list[str] = []
+    try:
+        for future in distributed.as_completed(list(futures)):
+            index = futures[future]
+            try:
+                part = future.result()
+            except distributed.KilledWorker as exc:
+                failures.append(f"part {index}: its worker died every time it ran it ({exc})")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a part's failure is reported by name
+                failures.append(f"part {index}: {type(exc).__name__}: {exc}")
+                continue
+            _add(total, part)
+            if not part.fatal and not part.interrupted:
+                plans.write_done(dest, index, _summary(part))
+    except KeyboardInterrupt:
+        distributed.Event(stop, client=client).set()  # each running part stops and saves
+        for future in futures:
+            try:
+                _add(total, future.result(timeout=60))
+            except Exception:  # noqa: BLE001 - cancelled or lost: the next run resumes it
+                future.cancel()
+        total.interrupted = True
+    if failures:
+        total.fatal = "; ".join(failures)
+        total.fatal_kind = "part_failed"
+    return total
+
+
+def _add(total: Report, part: Report) -> None:
+    """Sum one part's report into the run's."""
+    for status, n in part.counts.items():
+        total.counts[status] = total.counts.get(status, 0) + n
+    for code, n in part.errors.items():
+        total.errors[code] = total.errors.get(code, 0) + n
+    for code, details in part.breakdown.items():
+        mine = total.breakdown.setdefault(code, {})
+        for detail, n in details.items():
+            mine[detail] = mine.get(detail, 0) + n
+    for code, n in part.resumed_errors.items():
+        total.resumed_errors[code] = total.resumed_errors.get(code, 0) + n
+    total.bytes += part.bytes
+    total.busy += part.busy
+    total.items += part.items
+    total.resumed += part.resumed
+    total.resumed_failed += part.resumed_failed
+    total.unfinished += part.unfinished
+    total.interrupted = total.interrupted or part.interrupted
+    if part.fatal and not total.fatal:
+        total.fatal, total.fatal_kind = part.fatal, part.fatal_kind
+
+
+def _summary(part: Report) -> dict[str, Any]:
+    return {
+        "items": part.items,
+        "counts": {str(status): n for status, n in part.counts.items()},
+        "errors": {str(code): n for code, n in part.errors.items()},
+        "failed": part.failed,
+    }
+
+
+def _add_done(total: Report, done: dict[str, Any]) -> None:
+    """A part finished by an earlier run: its items count as done by an earlier run."""
+    counts = done.get("counts", {})
+    for status, n in counts.items():
+        total.counts[Status(status)] = total.counts.get(Status(status), 0) + n
+    for code, n in done.get("errors", {}).items():
+        total.errors[code] = total.errors.get(code, 0) + n
+        total.resumed_errors[code] = total.resumed_errors.get(code, 0) + n
+    total.items += done.get("items", 0)
+    total.resumed += done.get("items", 0)
+    total.resumed_failed += done.get("failed", 0)
