@@ -322,11 +322,27 @@ def _run_cluster(
     source: str, out: Path, options: Any, *, cluster: str, parts: int | None, quiet: bool
 ) -> int:
     """``get --cluster``: the parts run as Dask tasks; Ctrl-C stops them and saves state."""
+    import threading
+
     from fetchpool.cluster import download_on_cluster
     from fetchpool.errors import FetchpoolError
 
+    stop = threading.Event()
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:  # a LocalCluster's workers and their children die with us
+            os._exit(128 + received[0])
+        os.write(2, b"\nfetchpool: stopping the parts, saving their state (again to quit)\n")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     try:
-        report = download_on_cluster(source, out, options, cluster=cluster, parts=parts)
+        report = download_on_cluster(
+            source, out, options, cluster=cluster, parts=parts, stop_requested=stop, quiet=quiet
+        )
     except FetchpoolError as exc:
         click.echo(f"fetchpool: {_error_kind(exc)}: {exc}", err=True)
         return EXIT_RUN_ERROR
@@ -338,7 +354,9 @@ def _run_cluster(
         render_summary(report, Console(stderr=True, width=100_000, soft_wrap=True))
     elif report.fatal:
         click.echo(f"fetchpool: {report.fatal_kind or 'error'}: {report.fatal}", err=True)
-    return 130 if report.interrupted and not report.fatal else report.exit_code
+    if report.interrupted and not report.fatal:
+        return 128 + received[0] if received else 130
+    return report.exit_code
 
 
 def _error_kind(exc: Exception) -> str:

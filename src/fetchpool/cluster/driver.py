@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -70,7 +72,7 @@ def connect(cluster: Any) -> Iterator[Any]:
         # Workers start fetchpool's own processes; lifeline ties them to the worker.
         with dask.config.set({"distributed.worker.daemon": False}):
             local = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
             )
         try:
             with distributed.Client(local) as client:
@@ -87,9 +89,20 @@ def connect(cluster: Any) -> Iterator[Any]:
 
 
 def download_on_cluster(
-    source: Source, dest: Path, options: Options, *, cluster: Any, parts: int | None = None
+    source: Source,
+    dest: Path,
+    options: Options,
+    *,
+    cluster: Any,
+    parts: int | None = None,
+    stop_requested: threading.Event | None = None,
+    quiet: bool = True,
 ) -> Report:
-    """Run ``source`` into ``dest`` as parts on ``cluster`` (see the module docstring)."""
+    """Run ``source`` into ``dest`` as parts on ``cluster`` (see the module docstring).
+
+    ``stop_requested``, when set (from a signal handler, another thread), stops the run as
+    Ctrl-C does. ``quiet=False`` prints the Dask dashboard's address when there is one.
+    """
     from fetchpool.inputs import check_input, read_input
 
     if not isinstance(source, str | os.PathLike) or str(source) == "-":
@@ -116,7 +129,16 @@ def download_on_cluster(
             items = read_input(source, format=options.input_format, url_column=options.url_column)
             plans.split(items, dest, wanted)
             plan = wanted
-        report = _run_parts(client, dest, plan, _per_task(options, workers))
+        if not quiet and getattr(client, "dashboard_link", None):
+            print(f"fetchpool: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        report = _run_parts(
+            client,
+            dest,
+            plan,
+            _per_task(options, workers),
+            workers=workers,
+            stop_requested=stop_requested,
+        )
     report.wall = time.perf_counter() - started
     return report
 
@@ -128,50 +150,115 @@ def _per_task(options: Options, workers: int) -> Options:
     return replace(options, fetch=replace(fetch, per_host=share))
 
 
-def _run_parts(client: Any, dest: Path, plan: plans.Plan, options: Options) -> Report:
-    distributed = _distributed()
-    total = Report(out=dest)
-    todo = []
+#: Seconds between looks at the parts in flight (and at a stop request).
+POLL_SECONDS = 0.2
+#: After a stop, how long the driver waits for the running parts to save their state.
+STOP_GRACE_SECONDS = 120.0
+
+
+def _run_parts(
+    client: Any,
+    dest: Path,
+    plan: plans.Plan,
+    options: Options,
+    *,
+    workers: int,
+    stop_requested: threading.Event | None,
+) -> Report:
+    """Run the parts not done yet, at most ``2 * workers`` submitted at once, and sum them.
+
+    The driver polls its futures instead of blocking in Dask's waits, so a stop (the CLI's
+    signal handler sets ``stop_requested``; a library caller's Ctrl-C is a KeyboardInterrupt)
+    is seen at once: no part is submitted any more, the running ones are told through a Dask
+    Event (they stop and save, as a stopped run does), and the driver collects their reports.
+    """
+    runner = _Parts(client, dest, options, window=2 * workers)
     for index in range(plan.parts):
         done = plans.read_done(dest, index)
         if done is not None and not (options.retry_failed and done.get("failed")):
-            _add_done(total, done)
+            _add_done(runner.total, done)
         else:
-            todo.append(index)
-    stop = f"fetchpool-stop-{uuid.uuid4().hex}"
-    futures = {
-        client.submit(
-            run_part, str(dest), index, options, stop, key=f"fetchpool-part-{index}-{stop}"
-        ): index
-        for index in todo
-    }
-    failures: list[str] = []
+            runner.todo.append(index)
+    while runner.todo or runner.running:
+        try:
+            if stop_requested is not None and stop_requested.is_set():
+                runner.stop()
+            if not runner.step():
+                break
+        except KeyboardInterrupt:
+            runner.stop()
+    return runner.finish()
+
+
+class _Parts:
+    """The parts of one driver run: waiting, running (futures), and what they reported."""
+
+    def __init__(self, client: Any, dest: Path, options: Options, *, window: int) -> None:
+        self.distributed = _distributed()
+        self.client = client
+        self.dest = dest
+        self.options = options
+        self.window = window
+        self.total = Report(out=dest)
+        self.todo: list[int] = []
+        self.running: dict[Any, int] = {}
+        self.failures: list[str] = []
+        self.event = f"fetchpool-stop-{uuid.uuid4().hex}"
+        self.stopping_since: float | None = None
+
+    def step(self) -> bool:
+        """Submit what the window allows, collect what finished; False to give up waiting
+        (stopped, and the grace period is over: the next run resumes the rest)."""
+        while self.todo and len(self.running) < self.window and self.stopping_since is None:
+            index = self.todo.pop(0)
+            key = f"fetchpool-part-{index}-{self.event}"
+            future = self.client.submit(
+                run_part, str(self.dest), index, self.options, self.event, key=key
+            )
+            self.running[future] = index
+        finished = [future for future in self.running if future.done()]
+        for future in finished:
+            failure = _collect(
+                self.total, self.dest, self.running.pop(future), future, self.distributed
+            )
+            if failure is not None:
+                self.failures.append(failure)
+        if not finished:
+            since = self.stopping_since
+            if since is not None and time.monotonic() - since > STOP_GRACE_SECONDS:
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
+    def stop(self) -> None:
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            self.total.interrupted = True
+            self.todo.clear()
+            self.distributed.Event(self.event, client=self.client).set()  # parts stop
+
+    def finish(self) -> Report:
+        for future in self.running:
+            future.cancel()
+        if self.failures:
+            self.total.fatal = "; ".join(self.failures)
+            self.total.fatal_kind = "part_failed"
+        return self.total
+
+
+def _collect(total: Report, dest: Path, index: int, future: Any, distributed: Any) -> str | None:
+    """Add a finished part's report; mark it done when it ran to its end. Its failure, said
+    with the part's name, or None."""
     try:
-        for future in distributed.as_completed(list(futures)):
-            index = futures[future]
-            try:
-                part = future.result()
-            except distributed.KilledWorker as exc:
-                failures.append(f"part {index}: its worker died every time it ran it ({exc})")
-                continue
-            except Exception as exc:  # noqa: BLE001 - a part's failure is reported by name
-                failures.append(f"part {index}: {type(exc).__name__}: {exc}")
-                continue
-            _add(total, part)
-            if not part.fatal and not part.interrupted:
-                plans.write_done(dest, index, _summary(part))
-    except KeyboardInterrupt:
-        distributed.Event(stop, client=client).set()  # each running part stops and saves
-        for future in futures:
-            try:
-                _add(total, future.result(timeout=60))
-            except Exception:  # noqa: BLE001 - cancelled or lost: the next run resumes it
-                future.cancel()
-        total.interrupted = True
-    if failures:
-        total.fatal = "; ".join(failures)
-        total.fatal_kind = "part_failed"
-    return total
+        part = future.result()
+    except distributed.KilledWorker as exc:
+        return f"part {index}: its worker died every time it ran it ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a part's failure is reported by name
+        return f"part {index}: {type(exc).__name__}: {exc}"
+    _add(total, part)
+    if not part.fatal and not part.interrupted:
+        plans.write_done(dest, index, _summary(part))
+    return None
 
 
 def _add(total: Report, part: Report) -> None:
