@@ -65,6 +65,20 @@ def records(report: Any) -> list[Record]:
     return sorted(report.records(), key=lambda r: r.position)
 
 
+def require_loopback_address(address: str) -> None:
+    """Skip the test unless ``address`` (say 127.0.0.21) can be bound here: tests with many
+    hosts give each its own loopback address."""
+    import pytest
+
+    probe = socket.socket()
+    try:
+        probe.bind((address, 0))
+    except OSError:
+        pytest.skip(f"cannot bind {address} here")
+    finally:
+        probe.close()
+
+
 def free_port() -> int:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))

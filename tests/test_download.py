@@ -350,16 +350,11 @@ def test_a_stall_before_the_head_and_one_in_the_body_are_told_apart(
 def test_a_host_many_others_redirect_to_keeps_its_per_host_limit(tmp_path: Path) -> None:
     """Ten hosts each redirect to one CDN: the CDN sees at most --per-host requests at once
     (the attempt goes on queued under the CDN's host, not under the host it started on)."""
-    import socket
     import urllib.parse
 
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.12", 0))
-    except OSError:
-        pytest.skip("cannot bind 127.0.0.12 here")
-    finally:
-        probe.close()
+    from reliability_helpers import require_loopback_address
+
+    require_loopback_address("127.0.0.12")
     per_host, latency = 2, 0.25
     cdn = Origin(host="127.0.0.2", latency=latency).start()
     front = [Origin(host=f"127.0.0.{3 + i}").start() for i in range(10)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from reliability_helpers import (
     leftovers,
     mounted_tmpfs,
     records,
+    require_loopback_address,
     sha,
 )
 
@@ -306,13 +306,7 @@ def test_case_42_many_hosts_one_slow_low_ulimit_all_terminal(tmp_path: Path) -> 
     hosts = 20
     per_host = 4
     fast_latency, slow_latency = 0.05, 0.6
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.21", 0))
-    except OSError:
-        pytest.skip("cannot bind 127.0.0.21 here")
-    finally:
-        probe.close()
+    require_loopback_address("127.0.0.21")
     origins = [
         Origin(host=f"127.0.0.{2 + i}", latency=slow_latency if i == 0 else fast_latency)
         for i in range(hosts)
