@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tarfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,62 +20,31 @@ from typing import Any
 
 import pytest
 
+from cluster_helpers import LOOPBACK, S3, local_cluster, mixed_input, rows, s3, shard_keys
+from durability_helpers import all_shard_keys, assert_has_output
 from fetchpool import Origin, Status, download
 from fetchpool.cluster import plan as plans
 from fetchpool.errors import ConfigError
+from fetchpool.state.paths import part_done_name
+from fetchpool.storage import Store
 from reliability_helpers import cli, cli_env
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
-
-LOOPBACK: dict[str, Any] = {"allow_private_networks": True}
+__all__ = ["s3"]  # the fixture, imported for pytest
+FORMATS = ["files", "webdataset", "parquet"]
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     """A LocalCluster of 2 worker processes (as ``--cluster local:2`` starts one)."""
-    import dask
-
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
+    cluster = local_cluster(2)
     with distributed.Client(cluster) as connected:
         yield connected
     cluster.close()
 
 
-def mixed_input(origin: Origin, path: Path, count: int = 240) -> Path:
-    """Images with repeated URLs, 404s and bad lines, as real lists have them."""
-    lines = []
-    for i in range(count):
-        if i % 40 == 7:
-            lines.append("not a url")
-        elif i % 30 == 3:
-            lines.append(origin.url(f"/status/404?n={i}"))
-        else:
-            lines.append(origin.image_url(i % (count * 3 // 4), small=True))
-    path.write_text("".join(f"{line}\n" for line in lines))
-    return path
-
-
-def rows(report: Any) -> list[tuple[Any, ...]]:
-    return [
-        (r.position, r.url, r.status, r.error_code, r.sha256, r.bytes) for r in report.records()
-    ]
-
-
-def shard_keys(dest: Path) -> Counter[str]:
-    keys: Counter[str] = Counter()
-    for shard in dest.rglob("*.tar"):
-        if ".fetchpool" in shard.parts:
-            continue
-        with tarfile.open(shard) as tar:
-            keys.update(m.name.split(".")[0] for m in tar if m.name.endswith(".json"))
-    return keys
-
-
-@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_cluster_run_equals_a_single_machine_run(client: Any, tmp_path: Path, fmt: str) -> None:
     with Origin(latency=0.02) as origin:
         src = mixed_input(origin, tmp_path / "urls.txt")
@@ -85,7 +54,7 @@ def test_a_cluster_run_equals_a_single_machine_run(client: Any, tmp_path: Path, 
     assert spread.exit_code == single.exit_code == 1  # the 404s and bad lines
     assert rows(spread) == rows(single)
     assert spread.counts == single.counts and spread.errors == single.errors
-    plan = plans.load(tmp_path / "dest")  # pinned: a rerun must match it
+    plan = plans.load(Store(tmp_path / "dest"))  # pinned: a rerun must match it
     assert plan is not None and plan.parts == 5
     if fmt == "webdataset":
         keys = shard_keys(tmp_path / "dest")
@@ -124,15 +93,15 @@ def test_a_rerun_submits_only_unfinished_parts_and_a_different_plan_is_refused(
         dest = tmp_path / "dest"
         first = download(src, dest, cluster=client, parts=4, **LOOPBACK)
         assert first.items == 80
-        marks = {k: plans.done_file(dest, k).stat().st_mtime_ns for k in range(4)}
-        plans.done_file(dest, 2).unlink()  # as if the driver died before part 2 was noted
+        marks = {k: (dest / part_done_name(k)).stat().st_mtime_ns for k in range(4)}
+        (dest / part_done_name(2)).unlink()  # as if the driver died before part 2 was noted
         origin.reset_counters()
         again = download(src, dest, cluster=client, parts=4, **LOOPBACK)
         assert origin.requests("/small/") == [], "finished work is not fetched again"
         assert rows(again) == rows(first)
-        assert plans.done_file(dest, 2).exists()
+        assert (dest / part_done_name(2)).exists()
         for k in (0, 1, 3):  # not run again
-            assert plans.done_file(dest, k).stat().st_mtime_ns == marks[k]
+            assert (dest / part_done_name(k)).stat().st_mtime_ns == marks[k]
         with pytest.raises(ConfigError, match="--parts 4"):
             download(src, dest, cluster=client, parts=3, **LOOPBACK)
         other = mixed_input(origin, tmp_path / "other.txt", count=81)
@@ -145,41 +114,102 @@ def test_a_rerun_submits_only_unfinished_parts_and_a_different_plan_is_refused(
             download(src, tmp_path / "alone", cluster=client, **LOOPBACK)
 
 
-def test_a_worker_killed_mid_part_changes_nothing(client: Any, tmp_path: Path) -> None:
-    """SIGKILL one worker at ~30%: Dask runs its part again elsewhere, which resumes from
-    the part's journal; the merged result equals a single-machine run, with no sample twice."""
-    pids = sorted(client.run(os.getpid).values())
+@pytest.fixture(scope="module")
+def slow_origin() -> Iterator[Origin]:
+    """One origin for the kill matrix, so every variant downloads the same URLs and the
+    single-machine run of each format is made once."""
     with Origin(latency=0.1) as origin:
-        src = mixed_input(origin, tmp_path / "urls.txt", count=200)
-        options = {"format": "webdataset", "shard_size": 10, "threads": 4, **LOOPBACK}
-        killed: list[int] = []
+        yield origin
 
-        def kill_at_30_percent() -> None:
-            deadline = time.monotonic() + 60
-            while len(origin.requests("/small/")) < 45 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
 
-        killer = threading.Thread(target=kill_at_30_percent)
-        killer.start()
-        spread = download(src, tmp_path / "dest", cluster=client, parts=4, **options)
+_SINGLE: dict[str, list[tuple[Any, ...]]] = {}
+
+#: (place, format, engine): every format and both fetch engines in a local destination;
+#: every format, and the process engine once, in S3 (RELIABILITY.md cases 43, 47, 48).
+KILL_MATRIX = [
+    *[("local", fmt, engine) for fmt in FORMATS for engine in ("threads", "processes")],
+    ("s3", "files", "threads"),
+    ("s3", "webdataset", "processes"),
+    ("s3", "parquet", "threads"),
+]
+
+
+@pytest.mark.parametrize(("place", "fmt", "engine"), KILL_MATRIX)
+def test_a_worker_killed_mid_part_changes_nothing(
+    client: Any,
+    slow_origin: Origin,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    place: str,
+    fmt: str,
+    engine: str,
+) -> None:
+    """SIGKILL one worker at ~30%: Dask runs its part again elsewhere, which resumes from
+    the part's journal (on the worker's scratch, for S3); the merged result equals a
+    single-machine run, every ok row has its output, and no sample is in two shards."""
+    origin = slow_origin
+    src = mixed_input(origin, tmp_path_factory.getbasetemp() / "kill-urls.txt", count=200)
+    options: dict[str, Any] = {"format": fmt, "shard_size": 10, "threads": 4, **LOOPBACK}
+    if fmt not in _SINGLE:
+        _SINGLE[fmt] = rows(download(src, tmp_path / "single", **options))
+    if engine == "processes":
+        options["fetch_processes"] = 2
+    dest: str | Path = tmp_path / "dest"
+    if place == "s3":
+        s3: S3 = request.getfixturevalue("s3")
+        dest = f"s3://{s3.bucket(f'kill-{uuid.uuid4().hex[:8]}')}/ds"
+        options["storage_options"] = s3.storage_options
+    pids = sorted(client.run(os.getpid).values())
+    origin.reset_counters()
+    killed: list[int] = []
+
+    def kill_at_30_percent() -> None:
+        deadline = time.monotonic() + 60
+        while len(origin.requests("/small/")) < 45 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_at_30_percent)
+    killer.start()
+    try:
+        spread = download(src, dest, cluster=client, parts=4, **options)
+    finally:
         killer.join()
-        single = download(src, tmp_path / "single", **options)
     assert killed
-    assert rows(spread) == rows(single)
-    keys = shard_keys(tmp_path / "dest")
-    assert set(keys.values()) == {1}, "no sample in two shards"
-    assert len(keys) == single.ok
-    leftover = [p for p in (tmp_path / "dest").rglob(".fp-*") if "tmp" not in p.parts]
+    assert rows(spread) == _SINGLE[fmt]
+    here = materialize(dest, tmp_path / "copy", request)
+    cache: dict[str, Counter[str]] = {}
+    for record in spread.records(Status.OK):
+        assert_has_output(here, fmt, record, cache)
+    if fmt != "files":
+        keys = all_shard_keys(here)
+        assert set(keys.values()) == {1}, "no sample in two shards"
+        assert len(keys) == spread.ok
+    leftover = [p for p in here.rglob(".fp-*") if "tmp" not in p.parts]
     assert leftover == []
 
 
-def test_killing_the_driver_leaves_no_process_and_the_rerun_finishes(tmp_path: Path) -> None:
-    """kill -9 of `get --cluster local:2` mid-run: the local cluster's workers and their
-    children go with it (case 46), and the same command then finishes the run (case 47)."""
-    import uuid
+def materialize(dest: str | Path, copy: Path, request: pytest.FixtureRequest) -> Path:
+    """A local folder with what ``dest`` holds: itself, or a download of the bucket's."""
+    if isinstance(dest, Path):
+        return dest
+    s3: S3 = request.getfixturevalue("s3")
+    s3.filesystem().get(dest.removeprefix("s3://"), str(copy), recursive=True)
+    return copy
 
+
+@pytest.mark.parametrize(
+    ("fmt", "engine"), [("files", "threads"), ("webdataset", "processes"), ("parquet", "threads")]
+)
+def test_killing_the_driver_leaves_no_process_and_reruns_finish_the_run(
+    tmp_path: Path, fmt: str, engine: str
+) -> None:
+    """kill -9 of `get --cluster local:2`, twice, at different moments: the local cluster's
+    workers and their children go with it every time (case 46); after each kill what is in
+    DEST holds (every ok row has its output, no sample twice, no stray temp file), and the
+    same command then finishes the run with the single-machine result (cases 43, 47)."""
     from durability_helpers import TAG_VAR, tagged_pids, wait_no_tagged_processes
 
     tag = uuid.uuid4().hex
@@ -188,31 +218,54 @@ def test_killing_the_driver_leaves_no_process_and_the_rerun_finishes(tmp_path: P
         src = mixed_input(origin, tmp_path / "urls.txt", count=160)
         dest = tmp_path / "dest"
         args = cli("get", str(src), "-o", str(dest), "--allow-private-networks", "-q",
-                   "--cluster", "local:2", "--parts", "4", "--threads", "4")  # fmt: skip
-        driver = subprocess.Popen(args, env=env, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 90
-            while len(origin.requests("/small/")) < 20 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert driver.poll() is None and len(tagged_pids(tag)) >= 3, "workers running"
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-            left = wait_no_tagged_processes(tag, 15.0)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-        assert left == [], f"processes outlived the driver: {left}"
+                   "--cluster", "local:2", "--parts", "4", "--threads", "4",
+                   "--format", fmt, "--shard-size", "10")  # fmt: skip
+        if engine == "processes":
+            args += ["--fetch-processes", "2"]
+        for kill_at in (20, 70):
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            driver = subprocess.Popen(args, env=env, start_new_session=True, **quiet)
+            try:
+                deadline = time.monotonic() + 90
+                while len(origin.requests("/small/")) < kill_at and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert driver.poll() is None and len(tagged_pids(tag)) >= 3, "workers running"
+                driver.send_signal(signal.SIGKILL)
+                driver.wait(timeout=30)
+                left = wait_no_tagged_processes(tag, 15.0)
+            finally:
+                if driver.poll() is None:
+                    driver.kill()
+            assert left == [], f"processes outlived the driver: {left}"
+            check_cluster_dest(dest, fmt)
         again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180,
                                check=False)  # fmt: skip
         assert again.returncode == 1, again.stderr  # the 404s and bad lines
-        single = download(src, tmp_path / "single", threads=4, **LOOPBACK)
+        single = download(src, tmp_path / "single", threads=4, format=fmt, **LOOPBACK)
     from fetchpool.state.journal import iter_journal
 
-    merged = [(r.position, r.url, r.status, r.error_code, r.sha256, r.bytes)
-              for r in iter_journal(dest)]  # fmt: skip
-    assert merged == rows(single)
+    assert rows(iter_journal(dest)) == rows(single)
+    assert check_cluster_dest(dest, fmt) == single.ok
     assert wait_no_tagged_processes(tag, 15.0) == []
+
+
+def check_cluster_dest(dest: Path, fmt: str) -> int:
+    """What a cluster run's local DEST must hold at any moment; the number of ok rows."""
+    from fetchpool.state.journal import iter_journal
+
+    if not (dest / ".fetchpool" / "plan.json").is_file():
+        return 0  # killed before the split was pinned: nothing to hold yet
+    cache: dict[str, Counter[str]] = {}
+    ok = 0
+    for record in iter_journal(dest, status=Status.OK):
+        assert_has_output(dest, fmt, record, cache)
+        ok += 1
+    if fmt != "files":
+        repeated = {k: n for k, n in all_shard_keys(dest).items() if n > 1}
+        assert not repeated, f"samples in two shards: {repeated}"
+    stray = [p for p in dest.rglob(".fp-*") if "tmp" not in p.parts and "parts" not in p.parts]
+    assert stray == [], stray
+    return ok
 
 
 def test_ctrl_c_on_the_driver_stops_the_parts_and_saves_their_state(tmp_path: Path) -> None:
@@ -247,3 +300,21 @@ def test_ctrl_c_on_the_driver_stops_the_parts_and_saves_their_state(tmp_path: Pa
         done_before = {r.url.split("/", 3)[3] for r in saved if r.status is Status.OK}
         assert not refetched & {f"/{p}" for p in done_before}, "finished work is kept"
         assert len(list(iter_journal(dest))) == 240
+
+
+def test_a_part_that_keeps_failing_ends_as_an_error_naming_the_part(
+    client: Any, tmp_path: Path
+) -> None:
+    """Part 1 cannot write (its folder's name is taken by a file): the run ends with exit 2,
+    ``part_failed``, naming part 1 and the cause; the other parts finish and are kept."""
+    with Origin() as origin:
+        src = mixed_input(origin, tmp_path / "urls.txt", count=60)
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        (dest / "part-00001").write_text("in the way")
+        report = download(src, dest, cluster=client, parts=3, **LOOPBACK)
+    assert report.exit_code == 2 and report.fatal_kind == "part_failed"
+    assert report.fatal is not None and report.fatal.startswith("part 1: ")
+    assert "part-00001" in report.fatal
+    assert (dest / part_done_name(0)).exists() and (dest / part_done_name(2)).exists()
+    assert not (dest / part_done_name(1)).exists()

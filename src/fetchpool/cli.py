@@ -97,6 +97,22 @@ def _shard(value: str | None) -> tuple[int, int] | None:
     return shard
 
 
+def _storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a value that parses as JSON (true, 3, {"a": 1}) is taken as such."""
+    import json
+
+    options: dict[str, Any] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--storage-option")
+        try:
+            options[key.strip()] = json.loads(text)
+        except ValueError:
+            options[key.strip()] = text
+    return options
+
+
 def _header(value: str) -> tuple[str, str]:
     name, sep, content = value.partition(":")
     if not sep or not name.strip() or any(c in value for c in "\r\n\0"):
@@ -121,7 +137,13 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 
 @click.command("get")
 @click.argument("source", type=str)
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=str,
+    help="Output folder; with --cluster also an fsspec URL (s3://bucket/ds).",
+)
 @click.option("--threads", default=32, show_default=True, help="Fetch threads.")
 @click.option(
     "--fetch-processes",
@@ -217,11 +239,20 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     type=click.IntRange(min=1),
     help="With --cluster: parts the input is cut into (default: 4 per worker; pinned in OUT).",
 )
+@click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=lambda c, p, v: _storage_options(v),
+    help="fsspec option for an s3://… (gs://…) OUT or SOURCE, e.g. endpoint_url=http://host:9000 "
+    "(repeatable; a JSON value is parsed: anon=true). AWS_* variables are read as usual.",
+)
 @click.option("--timeline", type=click.Path(path_type=Path), help="Write a timeline SVG here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", count=True, help="Log each item (-vv: debug).")
 @click.option("--log-file", type=click.Path(), help="Also log to this file.")
-def get_command(source: str, out: Path, **kw: Any) -> None:
+def get_command(source: str, out: str, **kw: Any) -> None:
     """Download every URL of SOURCE into OUT.
 
     SOURCE is a .txt (one URL a line), .csv/.tsv, .jsonl or .parquet file (also .gz), or -
@@ -240,7 +271,17 @@ def get_command(source: str, out: Path, **kw: Any) -> None:
     options = _options(kw)
     if cluster is not None:
         sys.exit(_run_cluster(source, out, options, cluster=cluster, parts=parts, quiet=quiet))
-    sys.exit(_run_get(source, out, options, quiet=quiet, verbose=verbose, timeline=timeline))
+    from fetchpool.storage import is_remote
+
+    for given, what in ((out, "-o/--out"), (source, "SOURCE")):
+        if is_remote(given):
+            raise click.UsageError(
+                f"{what} {given}: a URL needs --cluster (--cluster local:2 runs on this "
+                "machine); see docs/distributed.md"
+            )
+    if options.storage_options:
+        raise click.UsageError("--storage-option goes with an s3://… (fsspec URL) OUT or SOURCE")
+    sys.exit(_run_get(source, Path(out), options, quiet=quiet, verbose=verbose, timeline=timeline))
 
 
 def _options(kw: dict[str, Any]) -> Any:
@@ -319,7 +360,7 @@ def _run_get(
 
 
 def _run_cluster(
-    source: str, out: Path, options: Any, *, cluster: str, parts: int | None, quiet: bool
+    source: str, out: str, options: Any, *, cluster: str, parts: int | None, quiet: bool
 ) -> int:
     """``get --cluster``: the parts run as Dask tasks; Ctrl-C stops them and saves state."""
     import threading
@@ -339,9 +380,26 @@ def _run_cluster(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+    progress = None
+    if not quiet:
+        from rich.console import Console
+
+        from fetchpool.cluster.driver import ClusterProgress
+        from fetchpool.report.progress import ProgressBar
+
+        console = Console(stderr=True)
+        if console.is_terminal:  # one bar for the whole cluster, summed over the parts
+            progress = ClusterProgress(ProgressBar(console))
     try:
         report = download_on_cluster(
-            source, out, options, cluster=cluster, parts=parts, stop_requested=stop, quiet=quiet
+            source,
+            out,
+            options,
+            cluster=cluster,
+            parts=parts,
+            stop_requested=stop,
+            quiet=quiet,
+            progress=progress,
         )
     except FetchpoolError as exc:
         click.echo(f"fetchpool: {_error_kind(exc)}: {exc}", err=True)
@@ -403,9 +461,7 @@ def _install_stop_handlers(pipeline: Any) -> list[int]:
 
 
 @click.command("manifest")
-@click.argument(
-    "out", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
-)
+@click.argument("out", nargs=-1, required=True, type=str)
 @click.option(
     "--format",
     "fmt",
@@ -420,27 +476,50 @@ def _install_stop_handlers(pipeline: Any) -> list[int]:
     type=click.Path(path_type=Path),
     help="Write here (default: stdout; required for parquet).",
 )
+@click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=lambda c, p, v: _storage_options(v),
+    help="fsspec option for an s3://… OUT (repeatable), as for get.",
+)
 def manifest_command(
-    out: tuple[Path, ...], fmt: str, status: str | None, output: Path | None
+    out: tuple[str, ...],
+    fmt: str,
+    status: str | None,
+    output: Path | None,
+    storage_options: dict[str, Any],
 ) -> None:
     """Export the per-item records of OUT (credentials redacted).
 
     Several OUT folders (one per --shard) are merged in input order; each path is then
-    prefixed with its folder's name.
+    prefixed with its folder's name. OUT may be a cluster run's destination, a folder or an
+    fsspec URL (s3://bucket/ds): its parts are merged, paths relative to it.
     """
     from fetchpool.errors import FetchpoolError
     from fetchpool.models import Status
     from fetchpool.state.manifest import export_manifest
+    from fetchpool.storage import is_remote
 
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs -o FILE")
+    for folder in out:
+        if not is_remote(folder) and not Path(folder).is_dir():
+            raise click.BadParameter(f"{folder!r} is not a folder", param_hint="OUT")
     try:
         dest: Any = (
             output
             if output is not None
             else (sys.stdout.buffer if fmt == "parquet" else sys.stdout)
         )
-        export_manifest(list(out), dest, fmt=fmt, status=Status(status) if status else None)
+        export_manifest(
+            list(out),
+            dest,
+            fmt=fmt,
+            status=Status(status) if status else None,
+            storage_options=storage_options,
+        )
     except FetchpoolError as exc:
         click.echo(f"fetchpool: {exc}", err=True)
         sys.exit(EXIT_RUN_ERROR)

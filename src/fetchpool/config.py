@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -194,6 +195,9 @@ class Options:
     retry_failed: bool = False
     shard: tuple[int, int] | None = None  # (k, n): only input positions with position % n == k
     window: int | None = None  # items open at once; None: 4 * threads + 64
+    #: fsspec options for a destination or input given as a URL (``s3://…``):
+    #: ``--storage-option KEY=VALUE``, e.g. ``endpoint_url``, ``key``, ``anon``.
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.window is None or self.window >= 1, "window must be >= 1")

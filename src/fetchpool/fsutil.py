@@ -165,3 +165,44 @@ def translate_os_error(exc: OSError, context: str) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"{context}: no space left on device")
     return OutputError(f"{context}: {exc.strerror or exc}")
+
+
+#: Filesystem types where SQLite's locking and WAL cannot be trusted (sqlite.org/wal.html:
+#: "WAL does not work over a network filesystem"): a journal never lives on one.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs",
+        "ceph", "glusterfs", "beegfs", "orangefs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse",
+        "fuse.rclone", "fuse.juicefs", "fuse.glusterfs", "fuse.mountpoint-s3", "davfs",
+    }
+)  # fmt: skip
+
+
+def filesystem_type(path: Path | str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem holding ``path`` (its deepest existing ancestor), from
+    ``/proc/self/mountinfo``; None where that cannot be read (not Linux)."""
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    best, best_type = "", None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                fields = line.split()
+                if " - " not in line or len(fields) < 5:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                fstype = line.split(" - ", 1)[1].split()[0]
+                inside = target == Path(mount) or Path(mount) in target.parents
+                if inside and len(mount) >= len(best):
+                    best, best_type = mount, fstype
+    except OSError:
+        return None
+    return best_type
+
+
+def on_network_filesystem(path: Path | str) -> bool:
+    """Whether ``path`` is on NFS, SMB, Lustre, a FUSE bucket mount… (see above)."""
+    fstype = filesystem_type(path)
+    return fstype is not None and fstype in NETWORK_FILESYSTEMS

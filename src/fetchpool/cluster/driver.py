@@ -5,10 +5,11 @@
     input ──one streaming pass──▶ DEST/.fetchpool/parts/part-K.jsonl.gz   (plan.split)
                                         │ a Dask task per part not done yet, a bounded window
                                         ▼
-              worker: run_part(K) = an ordinary run into DEST/part-K (its own journal)
-                                        │ Report
-                                        ▼
-              driver: part-K.done, reports summed into one Report for DEST
+       worker: run_part(K) = an ordinary run into DEST/part-K, or on local scratch and then
+               published whole (object storage); writes part-K.done last   (part.py)
+                                        │ progress events ─▶ the driver's one progress bar
+                                        ▼ Report
+              driver: reports summed into one Report for DEST
 
 Every ``get`` option means what it means on one machine, per part, with one exception:
 ``--per-host`` is a limit for the whole run, so it is shared out among the parts that run at
@@ -20,6 +21,7 @@ running part to stop, which saves its state, and leaves the rest for the next ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -30,14 +32,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fetchpool.cluster import plan as plans
-from fetchpool.cluster.part import run_part
+from fetchpool.cluster.part import report_of_done, run_part
 from fetchpool.config import Options
 from fetchpool.engine.pipeline import Report, Source
 from fetchpool.errors import ConfigError
-from fetchpool.models import Status
+from fetchpool.state.paths import DB_NAME, STATE_DIR
+from fetchpool.storage import Store
 
 _INSTALL_HINT = "cluster runs need dask.distributed: pip install 'fetchpool[dask]'"
 #: Parts when --parts is not given: several per worker, so a slow part does not leave the
@@ -90,18 +93,21 @@ def connect(cluster: Any) -> Iterator[Any]:
 
 def download_on_cluster(
     source: Source,
-    dest: Path,
+    dest: str | os.PathLike[str],
     options: Options,
     *,
     cluster: Any,
     parts: int | None = None,
     stop_requested: threading.Event | None = None,
     quiet: bool = True,
+    progress: ClusterProgress | None = None,
 ) -> Report:
     """Run ``source`` into ``dest`` as parts on ``cluster`` (see the module docstring).
 
-    ``stop_requested``, when set (from a signal handler, another thread), stops the run as
-    Ctrl-C does. ``quiet=False`` prints the Dask dashboard's address when there is one.
+    ``dest`` and ``source`` may be local paths or fsspec URLs (``s3://bucket/ds``; options in
+    ``options.storage_options``). ``stop_requested``, when set (from a signal handler, another
+    thread), stops the run as Ctrl-C does. ``quiet=False`` prints the Dask dashboard's address
+    when there is one. ``progress`` is told the whole run's progress as the parts report it.
     """
     from fetchpool.inputs import check_input, read_input
 
@@ -109,37 +115,49 @@ def download_on_cluster(
         raise ConfigError("--cluster needs an input file (not stdin or an iterable)")
     if options.shard is not None:
         raise ConfigError("--cluster and --shard do not go together: the cluster makes parts")
-    check_input(source, format=options.input_format, url_column=options.url_column)
-    dest = Path(dest)
-    if (dest / ".fetchpool" / "state.db").exists():
+    storage_options = options.storage_options
+    check_input(
+        source,
+        format=options.input_format,
+        url_column=options.url_column,
+        storage_options=storage_options,
+    )
+    store = Store(dest, storage_options)
+    if not store.remote and (store.path / STATE_DIR / DB_NAME).exists():
         raise ConfigError(
             f"{dest} holds a run made without --cluster; write the cluster run elsewhere"
         )
     started = time.perf_counter()
     with connect(cluster) as client:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
-        name, size, digest = plans.fingerprint(source)
+        name, size, digest = plans.fingerprint(source, storage_options)
         wanted = plans.Plan(name, size, digest, parts or PARTS_PER_WORKER * workers)
-        found = plans.load(dest)
+        found = plans.load(store)
         if found is not None:
-            plans.check_matches(found, replace(wanted, parts=parts or found.parts), dest)
+            plans.check_matches(found, replace(wanted, parts=parts or found.parts), store)
             plan = found
         else:
-            dest.mkdir(parents=True, exist_ok=True)
-            items = read_input(source, format=options.input_format, url_column=options.url_column)
-            plans.split(items, dest, wanted)
-            plan = wanted
+            store.mkdir()
+            items = read_input(
+                source,
+                format=options.input_format,
+                url_column=options.url_column,
+                storage_options=storage_options,
+            )
+            plan = plans.split(items, store, wanted)
         if not quiet and getattr(client, "dashboard_link", None):
             print(f"fetchpool: Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         report = _run_parts(
             client,
-            dest,
+            store,
             plan,
             _per_task(options, workers),
             workers=workers,
             stop_requested=stop_requested,
+            progress=progress,
         )
     report.wall = time.perf_counter() - started
+    report.store = store
     return report
 
 
@@ -158,12 +176,13 @@ STOP_GRACE_SECONDS = 120.0
 
 def _run_parts(
     client: Any,
-    dest: Path,
+    store: Store,
     plan: plans.Plan,
     options: Options,
     *,
     workers: int,
     stop_requested: threading.Event | None,
+    progress: ClusterProgress | None,
 ) -> Report:
     """Run the parts not done yet, at most ``2 * workers`` submitted at once, and sum them.
 
@@ -172,39 +191,116 @@ def _run_parts(
     is seen at once: no part is submitted any more, the running ones are told through a Dask
     Event (they stop and save, as a stopped run does), and the driver collects their reports.
     """
-    runner = _Parts(client, dest, options, window=2 * workers)
+    runner = _Parts(client, store, options, window=2 * workers, progress=progress)
     for index in range(plan.parts):
-        done = plans.read_done(dest, index)
+        done = plans.read_done(store, index)
         if done is not None and not (options.retry_failed and done.get("failed")):
-            _add_done(runner.total, done)
+            _add(runner.total, report_of_done(done, runner.total.out))
+            if progress is not None:
+                progress.part(index, int(done.get("items", 0)), int(done.get("failed", 0)), 0)
         else:
             runner.todo.append(index)
-    while runner.todo or runner.running:
-        try:
-            if stop_requested is not None and stop_requested.is_set():
+    if progress is not None:
+        progress.start(plan.items)
+    try:
+        while runner.todo or runner.running:
+            try:
+                if stop_requested is not None and stop_requested.is_set():
+                    runner.stop()
+                if not runner.step():
+                    break
+            except KeyboardInterrupt:
                 runner.stop()
-            if not runner.step():
-                break
-        except KeyboardInterrupt:
-            runner.stop()
+    finally:
+        runner.unsubscribe()
+        if progress is not None:
+            progress.stop()
     return runner.finish()
+
+
+class Totals(Protocol):
+    """What shows a run's totals: the CLI's progress bar (report.progress.ProgressBar)."""
+
+    def start(self, total: int | None) -> None: ...
+    def show(self, done: int, failed: int, fetched: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ClusterProgress:
+    """The whole run's progress, summed over its parts, shown by ``totals``.
+
+    Parts send ``[part, items, failed, bytes]`` every half second (their counts so far, items
+    resumed from their journal included); a part finished earlier counts whole from the
+    start. Dask calls :meth:`on_dask_event` on its client's thread, hence the lock.
+    """
+
+    def __init__(self, totals: Totals) -> None:
+        self._totals = totals
+        self._lock = threading.Lock()
+        self._parts: dict[int, tuple[int, int, int]] = {}
+        self._running = False
+
+    def start(self, total: int | None) -> None:
+        with self._lock:
+            self._totals.start(total)
+            self._running = True
+            self._show()
+
+    def part(self, index: int, items: int, failed: int, fetched: int) -> None:
+        with self._lock:
+            self._parts[index] = (items, failed, fetched)
+            if self._running:
+                self._show()
+
+    def on_dask_event(self, event: tuple[float, Any]) -> None:
+        index, items, failed, fetched = event[1]
+        self.part(int(index), int(items), int(failed), int(fetched))
+
+    def _show(self) -> None:
+        counts = list(self._parts.values())
+        self._totals.show(
+            sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts)
+        )
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._running:
+                self._running = False
+                self._totals.stop()
 
 
 class _Parts:
     """The parts of one driver run: waiting, running (futures), and what they reported."""
 
-    def __init__(self, client: Any, dest: Path, options: Options, *, window: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        store: Store,
+        options: Options,
+        *,
+        window: int,
+        progress: ClusterProgress | None,
+    ) -> None:
         self.distributed = _distributed()
         self.client = client
-        self.dest = dest
+        self.store = store
         self.options = options
         self.window = window
-        self.total = Report(out=dest)
+        self.progress = progress
+        self.total = Report(out=Path() if store.remote else store.path, store=store)
         self.todo: list[int] = []
         self.running: dict[Any, int] = {}
         self.failures: list[str] = []
-        self.event = f"fetchpool-stop-{uuid.uuid4().hex}"
-        self.stopping_since: float | None = None
+        token = uuid.uuid4().hex
+        self.event = f"fetchpool-stop-{token}"
+        self.topic = f"fetchpool-progress-{token}" if progress is not None else None
+        if progress is not None:
+            client.subscribe_topic(self.topic, progress.on_dask_event)
+
+    def unsubscribe(self) -> None:
+        if self.topic is not None:
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic(self.topic)
 
     def step(self) -> bool:
         """Submit what the window allows, collect what finished; False to give up waiting
@@ -213,14 +309,13 @@ class _Parts:
             index = self.todo.pop(0)
             key = f"fetchpool-part-{index}-{self.event}"
             future = self.client.submit(
-                run_part, str(self.dest), index, self.options, self.event, key=key
+                run_part, self.store.url, index, self.options, self.event, self.topic, key=key
             )
             self.running[future] = index
         finished = [future for future in self.running if future.done()]
         for future in finished:
-            failure = _collect(
-                self.total, self.dest, self.running.pop(future), future, self.distributed
-            )
+            index = self.running.pop(future)
+            failure = _collect(self.total, index, future, self.distributed, self.progress)
             if failure is not None:
                 self.failures.append(failure)
         if not finished:
@@ -229,6 +324,8 @@ class _Parts:
                 return False
             time.sleep(POLL_SECONDS)
         return True
+
+    stopping_since: float | None = None
 
     def stop(self) -> None:
         if self.stopping_since is None:
@@ -246,9 +343,10 @@ class _Parts:
         return self.total
 
 
-def _collect(total: Report, dest: Path, index: int, future: Any, distributed: Any) -> str | None:
-    """Add a finished part's report; mark it done when it ran to its end. Its failure, said
-    with the part's name, or None."""
+def _collect(
+    total: Report, index: int, future: Any, distributed: Any, progress: ClusterProgress | None
+) -> str | None:
+    """Add a finished part's report. Its failure, said with the part's name, or None."""
     try:
         part = future.result()
     except distributed.KilledWorker as exc:
@@ -256,8 +354,10 @@ def _collect(total: Report, dest: Path, index: int, future: Any, distributed: An
     except Exception as exc:  # noqa: BLE001 - a part's failure is reported by name
         return f"part {index}: {type(exc).__name__}: {exc}"
     _add(total, part)
-    if not part.fatal and not part.interrupted:
-        plans.write_done(dest, index, _summary(part))
+    if progress is not None:
+        progress.part(index, part.items, part.failed, part.bytes)
+    if part.fatal:
+        return f"part {index}: {part.fatal_kind or 'error'}: {part.fatal}"
     return None
 
 
@@ -280,27 +380,3 @@ def _add(total: Report, part: Report) -> None:
     total.resumed_failed += part.resumed_failed
     total.unfinished += part.unfinished
     total.interrupted = total.interrupted or part.interrupted
-    if part.fatal and not total.fatal:
-        total.fatal, total.fatal_kind = part.fatal, part.fatal_kind
-
-
-def _summary(part: Report) -> dict[str, Any]:
-    return {
-        "items": part.items,
-        "counts": {str(status): n for status, n in part.counts.items()},
-        "errors": {str(code): n for code, n in part.errors.items()},
-        "failed": part.failed,
-    }
-
-
-def _add_done(total: Report, done: dict[str, Any]) -> None:
-    """A part finished by an earlier run: its items count as done by an earlier run."""
-    counts = done.get("counts", {})
-    for status, n in counts.items():
-        total.counts[Status(status)] = total.counts.get(Status(status), 0) + n
-    for code, n in done.get("errors", {}).items():
-        total.errors[code] = total.errors.get(code, 0) + n
-        total.resumed_errors[code] = total.resumed_errors.get(code, 0) + n
-    total.items += done.get("items", 0)
-    total.resumed += done.get("items", 0)
-    total.resumed_failed += done.get("failed", 0)

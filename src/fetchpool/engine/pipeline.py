@@ -51,6 +51,7 @@ from fetchpool.events import Broadcast, ItemFinished, Observer, RunFinished, Run
 from fetchpool.models import BadInput, ErrorCode, Job, Record, Status
 from fetchpool.policies import RetriesExhausted, RetryPolicy
 from fetchpool.stages import Fetcher, Writer
+from fetchpool.storage import Store, is_remote
 
 log = logging.getLogger("fetchpool")
 
@@ -91,6 +92,8 @@ class Report:
     #: Items that were under way when the run stopped early (disk full, a stop, a worker
     #: gone while stopping): not journaled, so the next run fetches them like any other.
     unfinished: int = 0
+    #: A cluster run's destination (a local folder or an fsspec URL): where records() reads.
+    store: Store | None = None
 
     @property
     def ok(self) -> int:
@@ -118,7 +121,13 @@ class Report:
         return 1 if self.failed else 0
 
     def records(self, status: Status | None = None) -> Iterator[Record]:
-        """Every per-item record of the output folder, from its journal (streamed)."""
+        """Every per-item record of the output folder, from its journal (streamed); for a
+        cluster run, of every part, merged in position order, paths relative to the
+        destination."""
+        if self.store is not None:
+            from fetchpool.state.exported import iter_cluster_records
+
+            return iter_cluster_records(self.store, status=status)
         from fetchpool.state.journal import iter_journal
 
         return iter_journal(self.out, status=status)
@@ -246,6 +255,12 @@ class Pipeline:
             self._hurry.set()
         self._stop.set()
         self._events.put(("wake", None))
+
+    @property
+    def report(self) -> Report:
+        """The run's report as it stands (counts grow while the run goes on): read it from
+        another thread for progress, never change it."""
+        return self._report
 
     @property
     def hurried(self) -> bool:
@@ -806,13 +821,19 @@ def download(
     Re-running with the same ``out`` resumes: finished items are not fetched again.
     ``fetcher`` replaces the HTTP client (e.g. ``lambda tmp: MockFetcher(handler, tmp)``).
     ``cluster`` (a ``distributed.Client``, ``"tcp://host:8786"`` or ``"local:N"``) spreads the
-    run over Dask workers, the input cut into ``parts`` (docs/distributed.md).
+    run over Dask workers, the input cut into ``parts`` (docs/distributed.md); ``out`` (and
+    ``source``) may then be an fsspec URL such as ``s3://bucket/ds``, with ``storage_options``.
     """
     cluster, parts = options.pop("cluster", None), options.pop("parts", None)
     opts = options.pop("options", None) or Options.from_kwargs(**options)
     if cluster is not None:
         from fetchpool.cluster import download_on_cluster
 
-        return download_on_cluster(source, Path(out), opts, cluster=cluster, parts=parts)
+        return download_on_cluster(source, out, opts, cluster=cluster, parts=parts)
+    if is_remote(out) or is_remote(source):
+        raise ConfigError(
+            f"{out if is_remote(out) else source}: a URL as destination or input needs "
+            "--cluster (e.g. --cluster local:2 on this machine); see docs/distributed.md"
+        )
     pipeline = Pipeline(Path(out), opts, fetcher=fetcher, observers=observers)
     return pipeline.run(source)

@@ -32,10 +32,11 @@ import sys
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol, cast
 
+from fetchpool import storage
 from fetchpool.errors import ConfigError, InputError
 from fetchpool.inputs.urls import MAX_URL_LENGTH, InvalidURLError, validate_url
 from fetchpool.models import BadInput, ErrorCode, InputItem, Job
@@ -84,12 +85,18 @@ class _Row(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class _Spec:
     format: str
-    path: Path | None  # None: stdin
+    path: Path | None  # None: stdin, or a URL
     gz: bool
+    url: str | None = None  # an fsspec URL (s3://bucket/urls.parquet)
+    storage_options: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def stdin(self) -> bool:
+        return self.path is None and self.url is None
 
     @property
     def name(self) -> str:
-        return "<stdin>" if self.path is None else str(self.path)
+        return self.url or ("<stdin>" if self.path is None else str(self.path))
 
 
 def _bound() -> str:
@@ -112,10 +119,15 @@ def _normalize_format(fmt: str) -> str:
     return name
 
 
-def _resolve(source: str | os.PathLike[str], fmt: str | None) -> _Spec:
+def _resolve(
+    source: str | os.PathLike[str],
+    fmt: str | None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> _Spec:
     if isinstance(source, str) and source == "-":
         return _Spec(_normalize_format(fmt or "txt"), None, gz=False)
-    path = Path(source)
+    url = source if isinstance(source, str) and storage.is_remote(source) else None
+    path = Path(url.rsplit("/", 1)[-1]) if url is not None else Path(source)
     name = path.name.lower()
     gz = name.endswith(".gz")
     base = name[:-3] if gz else name
@@ -125,19 +137,33 @@ def _resolve(source: str | os.PathLike[str], fmt: str | None) -> _Spec:
         ext = Path(base).suffix
         if ext not in _EXTENSIONS:
             raise InputError(
-                f"cannot tell the format of {path} from its name; choose one of "
+                f"cannot tell the format of {url or path} from its name; choose one of "
                 f"{', '.join(FORMATS)} with --input-format (format= in Python)"
             )
         spec = _Spec(_EXTENSIONS[ext], path, gz)
+    if url is not None:
+        spec = _Spec(spec.format, None, spec.gz, url, storage_options)
     if spec.gz and spec.format == "parquet":
         raise InputError(
-            f"{path}: a gzip-compressed parquet file cannot be read: gunzip it first "
+            f"{spec.name}: a gzip-compressed parquet file cannot be read: gunzip it first "
             "(parquet is compressed inside already)"
         )
     return spec
 
 
-def _check_file(path: Path) -> None:
+def _check_file(spec: _Spec) -> None:
+    if spec.url is not None:
+        try:
+            storage.input_size(spec.url, spec.storage_options)
+        except FileNotFoundError:
+            raise InputError(f"input file not found: {spec.url}") from None
+        except IsADirectoryError:
+            raise InputError(f"input {spec.url} is a folder; give a file") from None
+        except OSError as exc:
+            raise InputError(f"cannot read input file {spec.url}: {exc}") from None
+        return
+    assert spec.path is not None
+    path = spec.path
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -217,6 +243,15 @@ def _stdin() -> _Replay:
 
 def _open_binary(spec: _Spec) -> IO[bytes]:
     """Open a file for binary reading (the caller closes it)."""
+    if spec.url is not None:
+        try:
+            return storage.open_input(
+                spec.url, spec.storage_options, compression="gzip" if spec.gz else None
+            )
+        except FileNotFoundError:
+            raise InputError(f"input file not found: {spec.url}") from None
+        except OSError as exc:
+            raise InputError(f"cannot read input file {spec.url}: {exc}") from None
     assert spec.path is not None
     try:
         if spec.gz:
@@ -343,14 +378,14 @@ def _sniff(line: int, data: bytes, spec: _Spec) -> None:
         if data.startswith(b"\x1f\x8b"):
             how = (
                 "pipe it through gunzip"
-                if spec.path is None
+                if spec.stdin
                 else "give it a name ending in .gz, or gunzip it"
             )
             raise InputError(f"{name} is gzip-compressed: {how}")
         if data.startswith(b"PAR1"):
             how = (
                 "save it to a file and give its name"
-                if spec.path is None
+                if spec.stdin
                 else "choose --input-format parquet (format='parquet' in Python)"
             )
             raise InputError(f"{name} is a parquet file: {how}")
@@ -617,28 +652,31 @@ def _import_parquet() -> Any:
     return pq
 
 
-def _open_parquet(path: Path) -> Any:
+def _open_parquet(spec: _Spec) -> Any:
     pq = _import_parquet()
+    path = spec.name
     try:
-        return pq.ParquetFile(path)
+        if spec.url is not None:
+            return pq.ParquetFile(storage.open_input(spec.url, spec.storage_options))
+        return pq.ParquetFile(spec.path)
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
         raise InputError(f"{path}: not a readable parquet file: {exc}") from None
 
 
-def _parquet_columns(path: Path, url_column: str) -> None:
-    with _open_parquet(path) as pf:
+def _parquet_columns(spec: _Spec, url_column: str) -> None:
+    with _open_parquet(spec) as pf:
         columns = list(pf.schema_arrow.names)
     if url_column not in columns:
-        raise InputError(_no_column(str(path), url_column, columns, "the schema"))
+        raise InputError(_no_column(spec.name, url_column, columns, "the schema"))
 
 
-def _rows_parquet(path: Path, url_column: str) -> Iterator[_Row]:
-    with _open_parquet(path) as pf:
+def _rows_parquet(spec: _Spec, url_column: str) -> Iterator[_Row]:
+    with _open_parquet(spec) as pf:
         columns = list(pf.schema_arrow.names)
         if url_column not in columns:
-            raise InputError(_no_column(str(path), url_column, columns, "the schema"))
+            raise InputError(_no_column(spec.name, url_column, columns, "the schema"))
         row = 0
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
             for item in batch.to_pylist():
@@ -699,6 +737,7 @@ def check_input(
     *,
     format: str | None = None,
     url_column: str = "url",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Raise :class:`InputError` now if ``source`` cannot be read as an input at all.
 
@@ -708,12 +747,13 @@ def check_input(
     so that a bad input leaves nothing behind. :func:`read_input` calls it too; problems later
     in the input are found as it streams. For stdin (``"-"``), what it reads is kept and
     handed to the next reader of stdin, so nothing is lost. An iterable is not checked (that
-    would consume it).
+    would consume it). ``source`` may be an fsspec URL (``s3://bucket/urls.parquet``),
+    opened with ``storage_options``.
     """
     if not isinstance(source, str | os.PathLike):
         return
-    spec = _resolve(source, format)
-    if spec.path is None:
+    spec = _resolve(source, format, storage_options)
+    if spec.stdin:
         if spec.format == "parquet":
             raise InputError(
                 "parquet cannot be read from stdin (-); save it to a file and give its name"
@@ -724,9 +764,9 @@ def check_input(
         finally:
             replay.rewind()
         return
-    _check_file(spec.path)
+    _check_file(spec)
     if spec.format == "parquet":
-        _parquet_columns(spec.path, url_column)
+        _parquet_columns(spec, url_column)
         return
     with _open_binary(spec) as stream:
         _check_start(stream, spec, url_column)
@@ -766,11 +806,11 @@ def _numbered(rows: Iterator[_Row], shard: tuple[int, int]) -> Iterator[InputIte
 
 def _file_rows(spec: _Spec, url_column: str) -> Iterator[_Row]:
     if spec.format == "parquet":
-        assert spec.path is not None  # stdin parquet is refused by check_input
-        yield from _rows_parquet(spec.path, url_column)
+        assert not spec.stdin  # stdin parquet is refused by check_input
+        yield from _rows_parquet(spec, url_column)
         return
     stream: _Lines
-    if spec.path is None:
+    if spec.stdin:
         stream = _stdin()  # not ours to close
         yield from _text_rows(stream, spec, url_column)
         return
@@ -794,6 +834,7 @@ def read_input(
     format: str | None = None,
     url_column: str = "url",
     shard: tuple[int, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[InputItem]:
     """Stream the items of ``source`` as :class:`Job` or :class:`BadInput`, in input order.
 
@@ -806,8 +847,8 @@ def read_input(
     """
     shard_kn = _check_shard(shard)
     if isinstance(source, str | os.PathLike):
-        spec = _resolve(source, format)
-        check_input(source, format=format, url_column=url_column)
+        spec = _resolve(source, format, storage_options)
+        check_input(source, format=format, url_column=url_column, storage_options=storage_options)
         return _numbered(_file_rows(spec, url_column), shard_kn)
     return _numbered(_rows_iterable(source, url_column), shard_kn)
 
@@ -844,11 +885,11 @@ def estimate_total(
         spec = _resolve(source, format)
     except InputError:
         return None
-    if spec.path is None or spec.gz:
+    if spec.path is None or spec.gz:  # stdin, a URL
         return None
     if spec.format == "parquet":
         try:
-            with _open_parquet(spec.path) as pf:
+            with _open_parquet(spec) as pf:
                 return int(pf.metadata.num_rows)
         except InputError:
             return None

@@ -68,20 +68,29 @@ class ProgressBar:
         self._failed = 0
         self._bytes = 0
 
+    def start(self, total: int | None) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task("fetch", total=total, bytes=0, failed=0)
+
+    def show(self, done: int, failed: int, fetched: int) -> None:
+        """Items finished, of which failed, and bytes downloaded so far."""
+        if self._task is not None:
+            self._progress.update(self._task, completed=done, bytes=fetched, failed=failed)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
     def on_event(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            self._progress.start()
-            self._task = self._progress.add_task("fetch", total=event.total, bytes=0, failed=0)
-        elif isinstance(event, ItemFinished) and self._task is not None:
+            self.start(event.total)
+        elif isinstance(event, ItemFinished):
             record = event.record
             self._done += 1
             self._failed += record.status is Status.FAILED
             self._bytes += record.bytes if record.status is Status.OK else 0
-            self._progress.update(
-                self._task, completed=self._done, bytes=self._bytes, failed=self._failed
-            )
+            self.show(self._done, self._failed, self._bytes)
         elif isinstance(event, RunFinished):
-            self._progress.stop()
+            self.stop()
 
 
 class ItemLog:

@@ -84,7 +84,8 @@ def advice(report: Report) -> list[str]:
         )
     if report.failed:
         lines.append(
-            f"every failure, with its message: fetchpool manifest {report.out} --status failed"
+            "every failure, with its message: fetchpool manifest "
+            f"{report.store or report.out} --status failed"
         )
     return lines
 
@@ -117,7 +118,7 @@ def render_summary(report: Report, console: Console) -> None:
         )
     for line in advice(report):
         console.print(f"hint: {line}", highlight=False)
-    state = report.out / ".fetchpool" / "state.db"
-    if (report.out / ".fetchpool" / "plan.json").is_file():  # a cluster run: one per part
-        state = report.out / "part-*" / ".fetchpool" / "state.db"
-    console.print(f"output: {report.out}   state: {state}")
+    if report.store is not None:  # a cluster run: its plan, parts and their records
+        console.print(f"output: {report.store}   state: {report.store.display('.fetchpool')}")
+        return
+    console.print(f"output: {report.out}   state: {report.out / '.fetchpool' / 'state.db'}")

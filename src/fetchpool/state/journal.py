@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import heapq
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,7 +32,8 @@ from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
-from fetchpool.state.paths import db_path, lock_path, part_folders, state_dir, tmp_dir
+from fetchpool.state.paths import PLAN_NAME, db_path, lock_path, state_dir, tmp_dir
+from fetchpool.storage import Store, is_remote
 
 log = logging.getLogger("fetchpool")
 
@@ -550,17 +550,23 @@ class Journal:
 
 
 def iter_journal(
-    out: Path, *, status: Status | None = None, redact: bool = False
+    out: Path | str,
+    *,
+    status: Status | None = None,
+    redact: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[Record]:
     """Stream the committed records of ``out`` read-only, ordered by position.
 
     Takes no lock, so it works during a run (showing what is committed so far) and after
-    it. Raises :class:`StateError` when ``out`` has no journal (on first iteration).
+    it. Raises :class:`StateError` when ``out`` has no journal (on first iteration). A cluster
+    run's destination (docs/distributed.md), local or an fsspec URL such as ``s3://bucket/ds``
+    (with ``storage_options``), gives its parts' records merged, paths relative to it.
     """
-    parts = part_folders(Path(out))
-    if parts is not None:  # a cluster run's destination: its parts' records, by position
-        streams = [iter_journal(part, status=status, redact=redact) for part in parts]
-        yield from heapq.merge(*streams, key=lambda record: record.position)
+    if is_remote(out) or (Path(out) / PLAN_NAME).is_file():
+        from fetchpool.state.exported import iter_cluster_records
+
+        yield from iter_cluster_records(Store(out, storage_options), status=status, redact=redact)
         return
     path = db_path(Path(out))
     if not path.is_file():

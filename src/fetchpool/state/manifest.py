@@ -10,8 +10,7 @@ import csv
 import heapq
 import io
 import os
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
@@ -19,10 +18,12 @@ from typing import Any, BinaryIO, Literal, TextIO
 
 from fetchpool import fsutil
 from fetchpool.errors import ConfigError, StateError
-from fetchpool.models import Status
+from fetchpool.models import Record, Status
 from fetchpool.state import schema
-from fetchpool.state.journal import connect
-from fetchpool.state.paths import db_path, part_folders
+from fetchpool.state.exported import in_folder
+from fetchpool.state.journal import iter_journal
+from fetchpool.state.paths import PLAN_NAME, db_path
+from fetchpool.storage import is_remote
 
 ManifestFormat = Literal["jsonl", "csv", "parquet"]
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet")
@@ -30,17 +31,9 @@ PARQUET_BATCH = 10_000
 _PARQUET_HINT = "writing parquet needs pyarrow: pip install 'fetchpool[parquet]'"
 
 
-def _open_journal(out: Path) -> sqlite3.Connection:
-    path = db_path(out)
-    if not path.is_file():
-        raise StateError(f"no journal in {out} (expected {path}): nothing was run there")
-    return connect(path, read_only=True)
-
-
-def _dicts(conn: sqlite3.Connection, status: Status | None) -> Iterator[dict[str, Any]]:
-    """Redacted manifest rows as plain dicts (enums as their values), in position order."""
-    for row in schema.iter_rows(conn, status):
-        record = schema.redact_record(schema.from_row(row))
+def _dicts(records: Iterator[Record]) -> Iterator[dict[str, Any]]:
+    """Manifest rows as plain dicts (enums as their values)."""
+    for record in records:
         yield {name: _plain(getattr(record, name)) for name in schema.NAMES}
 
 
@@ -152,11 +145,12 @@ def _write_path(rows: Iterator[dict[str, Any]], fmt: str, dest: Path) -> int:
 
 
 def export_manifest(
-    out: Path | Sequence[Path],
+    out: Path | str | Sequence[Path | str],
     dest: BinaryIO | TextIO | Path,
     *,
     fmt: ManifestFormat | str = "jsonl",
     status: Status | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Write the journal of ``out`` to ``dest`` as jsonl, csv or parquet; return rows written.
 
@@ -164,33 +158,30 @@ def export_manifest(
     that status. ``dest`` may be a path (written atomically) or an open stream (left open).
     ``out`` may be several output folders, e.g. one per input shard (``--shard K/N``): their
     records are merged by position, and each ``path`` is prefixed with its folder's name.
+    A cluster run's destination, a local folder or an fsspec URL (``s3://bucket/ds``, with
+    ``storage_options``), gives its parts' records, each ``path`` relative to it.
     Raises :class:`StateError` when a folder has no readable journal.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown manifest format {fmt!r} (use one of: {', '.join(FORMATS)})")
-    given = [Path(out)] if isinstance(out, str | os.PathLike) else [Path(o) for o in out]
-    # A cluster run's destination stands for its parts (docs/distributed.md); their paths
-    # are then prefixed with the part's folder, so they stay relative to the destination.
-    folders = [part for folder in given for part in (part_folders(folder) or [folder])]
-    with ExitStack() as stack:
-        conns = [_open_journal(folder) for folder in folders]
-        for conn in conns:
-            stack.callback(conn.close)
-        if folders == given and len(conns) == 1:
-            rows = _dicts(conns[0], status)
-        else:
-            streams = [
-                _prefixed(_dicts(conn, status), folder.name)
-                for conn, folder in zip(conns, folders, strict=True)
-            ]
-            rows = heapq.merge(*streams, key=lambda row: int(row["position"]))
-        if isinstance(dest, str | os.PathLike):
-            return _write_path(rows, fmt, Path(dest))
-        return _write(rows, fmt, dest)
+    given = [out] if isinstance(out, str | os.PathLike) else list(out)
+    streams = []
+    for folder in given:
+        local = None if is_remote(folder) else Path(folder)
+        if local is not None and not db_path(local).is_file() and not (local / PLAN_NAME).is_file():
+            raise StateError(
+                f"no journal in {folder} (expected {db_path(local)}): nothing was run there"
+            )
+        records = iter_journal(folder, status=status, redact=True, storage_options=storage_options)
+        if len(given) > 1:
+            records = in_folder(records, Path(os.fspath(folder).rstrip("/")).name)
+        streams.append(records)
+    merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_position)
+    rows = _dicts(merged)
+    if isinstance(dest, str | os.PathLike):
+        return _write_path(rows, fmt, Path(dest))
+    return _write(rows, fmt, dest)
 
 
-def _prefixed(rows: Iterator[dict[str, Any]], folder: str) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        if row.get("path"):
-            row["path"] = f"{folder}/{row['path']}"
-        yield row
+def _position(record: Record) -> int:
+    return record.position

@@ -30,10 +30,28 @@ def tmp_dir(out: Path) -> Path:
     return state_dir(out) / TMP_NAME
 
 
-def part_folders(out: Path) -> list[Path] | None:
-    """The part folders of a cluster run's destination (``OUT/part-NNNNN`` with a journal),
-    in part order; None when ``out`` is not one (it has no ``.fetchpool/plan.json``)."""
-    out = Path(out)
-    if not (state_dir(out) / "plan.json").is_file():
-        return None
-    return sorted(p.parent.parent for p in out.glob("part-*/" + STATE_DIR + "/" + DB_NAME))
+# A cluster run's destination (docs/distributed.md), as names relative to it, "/"-separated so
+# they serve local folders and object stores alike.
+PLAN_NAME = f"{STATE_DIR}/plan.json"
+PARTS_NAME = f"{STATE_DIR}/parts"
+
+
+def part_name(index: int) -> str:
+    """``part-00007``: part 7's output folder in the destination."""
+    return f"part-{index:05d}"
+
+
+def part_input_name(index: int) -> str:
+    """``.fetchpool/parts/part-00007.jsonl.gz``: the items of part 7."""
+    return f"{PARTS_NAME}/{part_name(index)}.jsonl.gz"
+
+
+def part_done_name(index: int) -> str:
+    """``.fetchpool/parts/part-00007.done``: part 7 finished (and published): its counts."""
+    return f"{PARTS_NAME}/{part_name(index)}.done"
+
+
+def part_records_name(index: int) -> str:
+    """``.fetchpool/parts/part-00007.records.jsonl.gz``: part 7's records, published with
+    its outputs when the part ran on scratch (object storage): its journal stays behind."""
+    return f"{PARTS_NAME}/{part_name(index)}.records.jsonl.gz"
