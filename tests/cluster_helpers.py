@@ -7,10 +7,12 @@ on a free loopback port; nothing here reaches any other address.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -39,6 +41,23 @@ def local_cluster(workers: int, scratch: Path | None = None) -> Any:
         return distributed.LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cluster workers' local scratch (dask's temporary-directory)."""
+    return tmp_path_factory.mktemp("scratch")
+
+
+@pytest.fixture(scope="module")
+def client(scratch: Path) -> Iterator[Any]:
+    """A client of a LocalCluster of 2 worker processes (as ``--cluster local:2`` starts)."""
+    import distributed
+
+    cluster = local_cluster(2, scratch)
+    with distributed.Client(cluster) as connected:
+        yield connected
+    cluster.close()
 
 
 def mixed_input(origin: Origin, path: Path, count: int = 240) -> Path:
@@ -143,3 +162,20 @@ def s3() -> Iterator[S3]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs ``pid`` (a Dask worker) once ``origin`` has served ``after`` images: a worker
+    killed mid-part. ``killed`` says whether it happened (within a minute)."""
+
+    def __init__(self, origin: Origin, pid: int, after: int) -> None:
+        super().__init__(name="worker-killer")
+        self.origin, self.pid, self.after = origin, pid, after
+        self.killed = False
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while len(self.origin.requests("/small/")) < self.after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(self.pid, signal.SIGKILL)
+        self.killed = True

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
@@ -20,7 +19,17 @@ from typing import Any
 
 import pytest
 
-from cluster_helpers import LOOPBACK, S3, local_cluster, mixed_input, rows, s3, shard_keys
+from cluster_helpers import (
+    LOOPBACK,
+    S3,
+    WorkerKiller,
+    client,
+    mixed_input,
+    rows,
+    s3,
+    scratch,
+    shard_keys,
+)
 from durability_helpers import all_shard_keys, assert_has_output
 from fetchpool import Origin, Status, download
 from fetchpool.cluster import plan as plans
@@ -31,17 +40,8 @@ from reliability_helpers import cli, cli_env
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
-__all__ = ["s3"]  # the fixture, imported for pytest
+__all__ = ["client", "s3", "scratch"]  # fixtures, imported for pytest
 FORMATS = ["files", "webdataset", "parquet"]
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    """A LocalCluster of 2 worker processes (as ``--cluster local:2`` starts one)."""
-    cluster = local_cluster(2)
-    with distributed.Client(cluster) as connected:
-        yield connected
-    cluster.close()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -162,22 +162,13 @@ def test_a_worker_killed_mid_part_changes_nothing(
         options["storage_options"] = s3.storage_options
     pids = sorted(client.run(os.getpid).values())
     origin.reset_counters()
-    killed: list[int] = []
-
-    def kill_at_30_percent() -> None:
-        deadline = time.monotonic() + 60
-        while len(origin.requests("/small/")) < 45 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(pids[0], signal.SIGKILL)
-        killed.append(pids[0])
-
-    killer = threading.Thread(target=kill_at_30_percent)
+    killer = WorkerKiller(origin, pids[0], after=45)  # ~30% of the images
     killer.start()
     try:
         spread = download(src, dest, cluster=client, parts=4, **options)
     finally:
         killer.join()
-    assert killed
+    assert killer.killed
     assert rows(spread) == _SINGLE[fmt]
     here = materialize(dest, tmp_path / "copy", request)
     cache: dict[str, Counter[str]] = {}

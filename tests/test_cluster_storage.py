@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,12 @@ import pytest
 from cluster_helpers import (
     LOOPBACK,
     S3,
-    local_cluster,
+    WorkerKiller,
+    client,
     mixed_input,
     rows,
     s3,
+    scratch,
     tar_sample_keys,
 )
 from fetchpool import Origin, Status, download
@@ -40,21 +41,7 @@ from reliability_helpers import cli, cli_env
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
-__all__ = ["s3"]  # the fixture, imported for pytest
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The workers' local scratch (dask's temporary-directory)."""
-    return tmp_path_factory.mktemp("scratch")
-
-
-@pytest.fixture(scope="module")
-def client(scratch: Path) -> Iterator[Any]:
-    cluster = local_cluster(2, scratch)
-    with distributed.Client(cluster) as connected:
-        yield connected
-    cluster.close()
+__all__ = ["client", "s3", "scratch"]  # fixtures, imported for pytest
 
 
 def objects(s3: S3, url: str) -> dict[str, Any]:
@@ -147,16 +134,8 @@ def test_a_worker_killed_mid_part_into_s3_changes_nothing_and_no_reader_sees_a_p
     with Origin(latency=0.1) as origin:
         src = mixed_input(origin, tmp_path / "urls.txt", count=200)
         options = {"format": "webdataset", "shard_size": 10, "threads": 4, **LOOPBACK}
-        killed: list[int] = []
-
-        def kill_at_30_percent() -> None:
-            deadline = time.monotonic() + 60
-            while len(origin.requests("/small/")) < 45 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
-
-        threads = [threading.Thread(target=kill_at_30_percent), threading.Thread(target=reader)]
+        killer = WorkerKiller(origin, pids[0], after=45)  # ~30% of the images
+        threads = [killer, threading.Thread(target=reader)]
         for thread in threads:
             thread.start()
         try:
@@ -168,7 +147,7 @@ def test_a_worker_killed_mid_part_into_s3_changes_nothing_and_no_reader_sees_a_p
             for thread in threads:
                 thread.join()
         single = download(src, tmp_path / "single", **options)
-    assert killed
+    assert killer.killed
     assert broken == [], "a reader saw a partial shard"
     assert seen, "the reader saw shards while the run went on"
     assert rows(spread) == rows(single)

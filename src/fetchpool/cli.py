@@ -113,6 +113,17 @@ def _storage_options(values: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+_STORAGE_OPTION = click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=lambda c, p, v: _storage_options(v),
+    help="fsspec option for an s3://… (gs://…) OUT or SOURCE, e.g. endpoint_url=http://host:9000 "
+    "(repeatable; a JSON value is parsed: anon=true). AWS_* variables are read as usual.",
+)
+
+
 def _header(value: str) -> tuple[str, str]:
     name, sep, content = value.partition(":")
     if not sep or not name.strip() or any(c in value for c in "\r\n\0"):
@@ -239,15 +250,7 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     type=click.IntRange(min=1),
     help="With --cluster: parts the input is cut into (default: 4 per worker; pinned in OUT).",
 )
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=lambda c, p, v: _storage_options(v),
-    help="fsspec option for an s3://… (gs://…) OUT or SOURCE, e.g. endpoint_url=http://host:9000 "
-    "(repeatable; a JSON value is parsed: anon=true). AWS_* variables are read as usual.",
-)
+@_STORAGE_OPTION
 @click.option("--timeline", type=click.Path(path_type=Path), help="Write a timeline SVG here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", count=True, help="Log each item (-vv: debug).")
@@ -476,14 +479,7 @@ def _install_stop_handlers(pipeline: Any) -> list[int]:
     type=click.Path(path_type=Path),
     help="Write here (default: stdout; required for parquet).",
 )
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=lambda c, p, v: _storage_options(v),
-    help="fsspec option for an s3://… OUT (repeatable), as for get.",
-)
+@_STORAGE_OPTION
 def manifest_command(
     out: tuple[str, ...],
     fmt: str,

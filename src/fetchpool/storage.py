@@ -18,9 +18,9 @@ import contextlib
 import io
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from fetchpool import fsutil
 from fetchpool.errors import ConfigError, OutputError
@@ -212,30 +212,28 @@ class Store:
         if self.remote:
             self._fs.pipe_file(self._remote(name), data)
             return
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = fsutil.create_temp(target.parent, ".part")
-        try:
-            with handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        finally:
-            fsutil.discard(temp)
-        fsutil.fsync_dir(target.parent)
+        self._write_local(name, lambda handle: handle.write(data))
 
     def put_file(self, local: str | os.PathLike[str], name: str) -> None:
         """Publish the finished local file ``local`` as ``name`` (the local file stays)."""
         if self.remote:
             self._fs.put_file(os.fspath(local), self._remote(name))
             return
+
+        def copy(handle: BinaryIO) -> None:
+            with open(local, "rb") as source:
+                shutil.copyfileobj(source, handle, 1024 * 1024)
+
+        self._write_local(name, copy)
+
+    def _write_local(self, name: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Local ``name`` written whole: a temp file in its folder, filled, fsynced, renamed."""
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = fsutil.create_temp(target.parent, ".part")
         try:
-            with handle, open(local, "rb") as source:
-                shutil.copyfileobj(source, handle, 1024 * 1024)
+            with handle:
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)

@@ -337,6 +337,14 @@ class _Parts:
     def finish(self) -> Report:
         for future in self.running:
             future.cancel()
+        if self.stopping_since is None:
+            # Every part has ended, but their watchers may still be waiting on the Event at
+            # the scheduler (a wait the scheduler logs as an error when it closes): release
+            # them, then clear it, so a long-lived scheduler forgets it once they are gone.
+            with contextlib.suppress(Exception):
+                event = self.distributed.Event(self.event, client=self.client)
+                event.set()
+                event.clear()
         if self.failures:
             self.total.fatal = "; ".join(self.failures)
             self.total.fatal_kind = "part_failed"

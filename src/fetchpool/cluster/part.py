@@ -177,7 +177,8 @@ def _watch(
         while not done.is_set():
             try:
                 if event is not None and event.wait(STOP_POLL_SECONDS):  # type: ignore[no-untyped-call]
-                    pipeline.stop()
+                    if not done.is_set():  # set after the part ended: the run is over
+                        pipeline.stop()
                     return
                 if event is None:
                     done.wait(STOP_POLL_SECONDS)
