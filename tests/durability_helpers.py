@@ -248,6 +248,8 @@ def shard_samples(path: Path) -> dict[str, list[bytes]]:
         return _tar_members(path)
     import pyarrow.parquet as pq
 
+    if "image" not in pq.read_schema(path).names:
+        return {}  # a WebDataset shard whose rows all failed: only its metadata
     table = pq.read_table(path, columns=["key", "image", "status"])
     found: dict[str, list[bytes]] = {}
     for key, image, status in zip(

@@ -17,6 +17,9 @@ one shard's metadata. Beside each shard, its companions (``NNNNN_stats.json``, a
 the metadata ``NNNNN.parquet``) are written as temp files, fsynced and linked *before* the
 shard's own name: a shard with a name always has them, and the journal removes those of a
 shard a crash left without its name (:func:`fetchpool.state.paths.shard_companions`).
+A WebDataset shard that holds no sample is published as its metadata ``NNNNN.parquet`` alone
+(``sampleless_suffix``; an empty tar stops ``datasets``): that file is then the shard, staged
+under its own name, and its number is never given to a later shard.
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ SHARD_DIGITS = 5
 _PUBLISH_TRIES = 1000
 
 
-def next_shard_index(out: Path, suffix: str) -> int:
-    """One past the highest ``NNNNN<suffix>`` already in ``out`` (0 when there is none)."""
-    pattern = re.compile(rf"(\d{{{SHARD_DIGITS},}}){re.escape(suffix)}")
+def next_shard_index(out: Path, *suffixes: str) -> int:
+    """One past the highest ``NNNNN<suffix>`` already in ``out``, for any of ``suffixes``
+    (0 when there is none)."""
+    endings = "|".join(re.escape(suffix) for suffix in suffixes)
+    pattern = re.compile(rf"(\d{{{SHARD_DIGITS},}})(?:{endings})")
     highest = -1
     with os.scandir(out) as entries:
         for entry in entries:
@@ -102,6 +107,9 @@ class ShardedWriter(ABC):
     concurrent = False
     #: Failed and skipped records are held with the open shard too (its metadata).
     holds_rows = True
+    #: A companion published *as* the shard when it holds no sample (WebDataset: its
+    #: metadata ``.parquet``, since an empty tar stops ``datasets``); None: the shard itself.
+    sampleless_suffix: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -120,7 +128,9 @@ class ShardedWriter(ABC):
         self._tmp = tmp_dir(self.out)
         try:
             remove_stale_parts(self.out, self.suffix)
-            self._next_index = next_shard_index(self.out, self.suffix)
+            # A sampleless shard (metadata alone) holds a number too: never reused.
+            endings = [self.suffix] + ([self.sampleless_suffix] if self.sampleless_suffix else [])
+            self._next_index = next_shard_index(self.out, *endings)
         except OSError as exc:
             raise fsutil.translate_os_error(exc, f"cannot read {self.out}") from exc
         self._pending: list[Record] = []
@@ -224,7 +234,12 @@ class ShardedWriter(ABC):
             fsutil.finish_temp(handle)
             for suffix, fill in self._companions(rows, opened_at).items():
                 companions[suffix] = self._companion_temp(fill)
-            self._publish(temp, rows, companions)
+            suffix = self.suffix
+            if not samples and self.sampleless_suffix in companions:
+                suffix = self.sampleless_suffix
+                fsutil.discard(temp)  # the shard would be empty
+                temp = companions.pop(suffix)
+            self._publish(temp, rows, companions, suffix)
         except OSError as exc:
             self._drop(handle, temp, samples)
             raise fsutil.translate_os_error(exc, "cannot finish a shard") from exc
@@ -247,16 +262,18 @@ class ShardedWriter(ABC):
             raise
         return temp
 
-    def _publish(self, temp: str, records: list[Record], companions: dict[str, str]) -> None:
+    def _publish(
+        self, temp: str, records: list[Record], companions: dict[str, str], suffix: str
+    ) -> None:
         """Stage the rows under the next free name, link the companions, then the shard
         (see the module docstring); a name taken meanwhile (planted) unstages, removes the
         companions linked so far and tries the next one."""
         size = os.stat(temp).st_size
         for _ in range(_PUBLISH_TRIES):
-            name = f"{self._next_index:0{SHARD_DIGITS}d}{self.suffix}"
+            stem = f"{self._next_index:0{SHARD_DIGITS}d}"
+            name = f"{stem}{suffix}"
             self._next_index += 1
             final = str(self.out / name)
-            stem = name.removesuffix(self.suffix)
             beside = {str(self.out / f"{stem}{s}"): path for s, path in companions.items()}
             if os.path.lexists(final) or any(os.path.lexists(p) for p in beside):
                 continue

@@ -52,6 +52,7 @@ class WebDatasetWriter(ShardedWriter):
     """
 
     suffix = ".tar"
+    sampleless_suffix = ".parquet"
 
     def __init__(
         self,
