@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     INCOMPLETE_BODY = "incomplete_body"
     BAD_CONTENT_ENCODING = "bad_content_encoding"
+    OPTED_OUT = "opted_out"  # X-Robots-Tag noai (...) or tdm-reservation: 1
     # content / CPU stage
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
