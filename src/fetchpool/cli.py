@@ -235,6 +235,19 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.option("--processes", type=int, help="CPU-stage processes (default: CPU count).")
 @click.option("--user-agent", default="", help="Default: fetchpool/<version>.")
 @click.option(
+    "--user-agent-token",
+    metavar="TOKEN",
+    help="Appended to the User-Agent as '(compatible; TOKEN)'; X-Robots-Tag rules scoped to "
+    "TOKEN (TOKEN: noai) apply to this run, as those scoped to fetchpool do.",
+)
+@click.option(
+    "--disallowed-header-directives",
+    metavar="LIST",
+    help="Comma-separated opt-out directives honoured: a response with X-Robots-Tag (or "
+    "tdm-reservation: 1) carrying one is not saved (opted_out). '' honours none. "
+    "Default: noai,noimageai,noml,noindex,noimageindex,tdm-reservation.",
+)
+@click.option(
     "-H",
     "--header",
     "headers",
@@ -312,7 +325,16 @@ def _options(kw: dict[str, Any]) -> Any:
     kw["max_bytes"] = _size(kw["max_bytes"])
     kw["format"] = kw.pop("output_format")
     kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
-    for name in ("max_pixels", "processes", "resize", "min_size", "rate_per_host", "shard"):
+    for name in (
+        "max_pixels",
+        "processes",
+        "resize",
+        "min_size",
+        "rate_per_host",
+        "shard",
+        "user_agent_token",
+        "disallowed_header_directives",
+    ):
         if kw.get(name) is None:
             kw.pop(name, None)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -36,6 +36,46 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field names
 _MEDIA_TOKEN = r"[!#$%&'+\-.^_`|~0-9A-Za-z]+"  # noqa: S105 - RFC 9110 token, without "*"
 _MEDIA_RANGE = re.compile(rf"\*/\*|{_MEDIA_TOKEN}/(\*|{_MEDIA_TOKEN})")  # image/*, image/png
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # HTAB, visible ASCII, obs-text (Latin-1)
+
+
+#: Opt-out directives honoured unless told otherwise (``--disallowed-header-directives``):
+#: X-Robots-Tag rules, plus ``tdm-reservation`` for the TDMRep header ``tdm-reservation: 1``.
+#: A superset of img2dataset's default (noai, noimageai, noindex, noimageindex), so a list
+#: moved over from img2dataset never saves a file that img2dataset would have refused.
+DEFAULT_DISALLOWED_HEADER_DIRECTIVES = (
+    "noai",
+    "noimageai",
+    "noml",
+    "noindex",
+    "noimageindex",
+    "tdm-reservation",
+)
+_DIRECTIVE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_AGENT_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_directives(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``"noai, NoImageAI"`` or ``["noai"]`` as ``("noai", "noimageai")``; ``""`` is none.
+
+    Each must look like an X-Robots-Tag rule (letters, digits, ``-``, ``_``); empty items
+    are skipped, repeats dropped.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    result: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"--disallowed-header-directives: {item!r} is not a directive name")
+        name = item.strip().lower()
+        if not name:
+            continue
+        _check(
+            bool(_DIRECTIVE.fullmatch(name)),
+            f"--disallowed-header-directives: {item.strip()[:40]!r} is not a directive name "
+            "(like noai; letters, digits, '-' and '_'; comma-separated, '' for none)",
+        )
+        if name not in result:
+            result.append(name)
+    return tuple(result)
 
 
 def _check_header(name: str, value: str) -> None:
@@ -77,6 +117,12 @@ class FetchConfig:
     #: ``--accept``: media ranges (``image/*``, ``application/pdf``); a response whose
     #: Content-Type matches none fails ``unwanted_content_type``. Empty: everything.
     accept: tuple[str, ...] = ()
+    #: Added to the User-Agent as img2dataset does (``fetchpool/V (compatible; TOKEN)``); an
+    #: ``X-Robots-Tag`` scoped to it (``TOKEN: noai``) applies to this run.
+    user_agent_token: str | None = None
+    #: Responses carrying one of these opt-out directives are not saved (``opted_out``);
+    #: a comma-separated string is accepted too, ``""`` honours none.
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -107,8 +153,22 @@ class FetchConfig:
                 raise ConfigError(f"--allow-cidr {cidr!r} is not a CIDR network") from exc
         if not self.user_agent:
             object.__setattr__(self, "user_agent", f"fetchpool/{__version__}")
+        token = self.user_agent_token
+        if token is not None:
+            token = token.strip() or None
+            _check(
+                token is None or bool(_AGENT_TOKEN.fullmatch(token)),
+                f"--user-agent-token {str(self.user_agent_token)[:40]!r}: one word of letters, "
+                "digits, '.', '_' or '-' (at most 64), like img2dataset's user_agent_token",
+            )
+            object.__setattr__(self, "user_agent_token", token)
+        object.__setattr__(
+            self,
+            "disallowed_header_directives",
+            parse_directives(self.disallowed_header_directives),
+        )
         for name, value in (
-            ("User-Agent", self.user_agent),
+            ("User-Agent", self.request_user_agent),
             ("Accept-Encoding", self.accept_encoding),
             *self.headers,
         ):
@@ -127,6 +187,14 @@ class FetchConfig:
             if wanted in ("*/*", kind) or wanted == f"{major}/*":
                 return True
         return False
+
+    @property
+    def request_user_agent(self) -> str:
+        """The User-Agent sent: ``user_agent``, then ``(compatible; TOKEN)`` when a
+        ``user_agent_token`` is set (img2dataset appends ``(compatible; TOKEN; +URL)``)."""
+        if not self.user_agent_token:
+            return self.user_agent
+        return f"{self.user_agent} (compatible; {self.user_agent_token})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +330,20 @@ class Options:
             k, n = self.shard
             _check(n >= 1 and 0 <= k < n, "shard must be K/N with 0 <= K < N")
 
+    def recorded(self) -> dict[str, Any]:
+        """The run's settings as the journal keeps them (``runs.settings``, JSON): every stage
+        option, the User-Agent as sent, request header names without their values and no
+        storage options (either may hold credentials). For library runs, whose ``argv`` is
+        the host program's, this is what says which options were in force."""
+        stages: dict[str, Any] = {}
+        for name, config in (("fetch", self.fetch), ("image", self.image), ("output", self.output)):
+            stages[name] = {f.name: getattr(config, f.name) for f in fields(config)}
+        stages["fetch"]["user_agent"] = self.fetch.request_user_agent
+        stages["fetch"]["headers"] = [name for name, _ in self.fetch.headers]
+        for name in ("input_format", "url_column", "retry_failed", "shard", "window"):
+            stages[name] = getattr(self, name)
+        return stages
+
     @property
     def in_flight(self) -> int:
         # Four times the threads keeps every thread busy while finished items wait to be
@@ -282,7 +364,9 @@ class Options:
         names = {c: {f.name for f in fields(c)} for c in groups}
         for key, given in kwargs.items():
             value = (given,) if key == "allow_cidrs" and isinstance(given, str) else given
-            if key in ("allow_cidrs", "headers", "accept") and isinstance(value, list):
+            if key in ("allow_cidrs", "headers", "accept", "disallowed_header_directives") and (
+                isinstance(value, list)
+            ):
                 value = tuple(value)
             if key == "accept" and isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())

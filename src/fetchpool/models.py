@@ -49,6 +49,7 @@ class ErrorCode(StrEnum):
     INCOMPLETE_BODY = "incomplete_body"
     BAD_CONTENT_ENCODING = "bad_content_encoding"
     UNWANTED_CONTENT_TYPE = "unwanted_content_type"  # not in --accept
+    OPTED_OUT = "opted_out"  # X-Robots-Tag noai (...) or tdm-reservation: 1
     # content / CPU stage
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"

@@ -312,7 +312,12 @@ class Pipeline:
         keep_heap_trimmed()
         started = time.perf_counter()
         try:
-            with Journal.open(self.out, source=source_name, source_size=source_size) as journal:
+            with Journal.open(
+                self.out,
+                source=source_name,
+                source_size=source_size,
+                settings=self.options.recorded(),
+            ) as journal:
                 self._journal = journal
                 self._observers.on_event(RunStarted(total=total(), out=str(self.out)))
                 self._loop(items())

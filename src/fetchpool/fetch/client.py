@@ -38,6 +38,7 @@ from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
 from fetchpool.fetch.decoding import Decoder, decoder_for
 from fetchpool.fetch.guard import AddressGuard
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
+from fetchpool.fetch.optout import agent_tokens, opt_out
 from fetchpool.fetch.transport import Watch, Watchdog
 from fetchpool.models import ErrorCode, Hop, Job, Record, Status
 from fetchpool.plainurl import host_key, split_plain
@@ -181,6 +182,8 @@ class HttpFetcher:
             per_host=config.per_host, num_pools=pools, insecure=config.insecure
         )
         self._base_headers = self._initial_headers(None)
+        self._disallowed = frozenset(config.disallowed_header_directives)
+        self._agents = agent_tokens(config.user_agent, config.user_agent_token)
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
@@ -247,7 +250,7 @@ class HttpFetcher:
     def _initial_headers(self, target: _Target | None) -> _Headers:
         headers: _Headers = {}
         fields = [
-            ("User-Agent", self._config.user_agent),
+            ("User-Agent", self._config.request_user_agent),
             ("Accept-Encoding", self._config.accept_encoding),
             ("Accept", "*/*"),
             *self._config.headers,
@@ -343,6 +346,8 @@ class HttpFetcher:
         record.content_type = clean_header_value(response.headers.get("content-type"))
         if not 200 <= response.status < 300:
             self._refuse_status(response, record, attempt)
+        if self._disallowed:
+            self._check_opt_out(response, attempt)
         if not self._config.accepts(record.content_type):  # --accept: decided from the head
             response.close()  # the body may be large and is not wanted: no reuse
             shown = record.content_type or "none"
@@ -368,6 +373,19 @@ class HttpFetcher:
         reason = f" {shown}" if shown else ""
         raise FetchError(
             ErrorCode.HTTP_ERROR, f"HTTP {response.status}{reason}", http_status=response.status
+        )
+
+    def _check_opt_out(self, response: Response, attempt: _Attempt) -> None:
+        """Refuse a response whose head opts out (X-Robots-Tag, tdm-reservation), before any
+        byte of its body is read; the body is dropped as an error page's is."""
+        reason = opt_out(response.get_all, self._disallowed, self._agents)
+        if reason is None:
+            return
+        self._discard_body(response, attempt)
+        raise FetchError(
+            ErrorCode.OPTED_OUT,
+            f"the server opts out with {reason}: not saved (--disallowed-header-directives)",
+            http_status=response.status,
         )
 
     def _declared_length(self, response: Response) -> int | None:

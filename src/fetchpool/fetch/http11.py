@@ -184,13 +184,15 @@ class Connection:
             raise _protocol_error(f"connection aborted: {exc}") from exc
         budget = header_budget
         while True:
-            status, head_bytes, headers, version, reason = self._read_head(budget)
+            status, head_bytes, headers, version, reason, repeated = self._read_head(budget)
             budget -= head_bytes
             if 100 <= status < 200 and status != 101:
                 continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            return Response(self, status, reason, version, headers)
+            return Response(self, status, reason, version, headers, repeated=repeated)
 
-    def _read_head(self, budget: int) -> tuple[int, int, dict[str, str], int, str]:
+    def _read_head(
+        self, budget: int
+    ) -> tuple[int, int, dict[str, str], int, str, dict[str, list[str]] | None]:
         data = bytearray(self.buffer)
         first = not data
         searched = 0  # the blank line is looked for in new bytes only (and 3 before them)
@@ -219,11 +221,17 @@ class Connection:
         if cut > budget:
             raise _protocol_error("response headers exceed the size limit")
         self.buffer = bytes(data[cut:])
-        status, version, reason, headers = _parse_head(bytes(data[:end]))
-        return status, cut, headers, version, reason
+        status, version, reason, headers, repeated = _parse_head(bytes(data[:end]))
+        return status, cut, headers, version, reason, repeated
 
 
-def _parse_head(head: bytes) -> tuple[int, int, str, dict[str, str]]:
+def _parse_head(
+    head: bytes,
+) -> tuple[int, int, str, dict[str, str], dict[str, list[str]] | None]:
+    """(status, version, reason, headers, repeated): ``headers`` joins a repeated field's
+    values with ", " (RFC 9110 5.3); ``repeated`` keeps each line's value apart for the fields
+    that came more than once (None when none did), for readers of fields whose values are not
+    plain lists (an ``X-Robots-Tag: bot: rule`` scope ends with its line)."""
     lines = head.split(b"\n")
     parts = lines[0].rstrip(b"\r").split(None, 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -235,6 +243,7 @@ def _parse_head(head: bytes) -> tuple[int, int, str, dict[str, str]]:
     version = 11 if parts[0] == b"HTTP/1.1" else 10
     reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
     headers: dict[str, str] = {}
+    repeated: dict[str, list[str]] | None = None
     name = ""
     for raw in lines[1:]:
         line = raw.rstrip(b"\r")
@@ -243,7 +252,10 @@ def _parse_head(head: bytes) -> tuple[int, int, str, dict[str, str]]:
         if line[0] in b" \t":  # obsolete line folding: a continuation of the previous value
             if not name:
                 raise _protocol_error("header continuation without a header")
-            headers[name] = f"{headers[name]} {line.strip().decode('latin-1')}"
+            more = line.strip().decode("latin-1")
+            headers[name] = f"{headers[name]} {more}"
+            if repeated is not None and name in repeated:
+                repeated[name][-1] = f"{repeated[name][-1]} {more}"
             continue
         field, colon, value = line.partition(b":")
         if not colon or not field or not _TOKEN.issuperset(field):
@@ -258,13 +270,30 @@ def _parse_head(head: bytes) -> tuple[int, int, str, dict[str, str]]:
                 raise _protocol_error(f"conflicting Content-Length headers {known!r}, {text!r}")
         else:
             headers[name] = f"{known}, {text}"
-    return int(code), version, reason, headers
+            repeated = _repeat(repeated, name, known, text)
+    return int(code), version, reason, headers, repeated
+
+
+def _repeat(
+    repeated: dict[str, list[str]] | None, name: str, known: str, text: str
+) -> dict[str, list[str]]:
+    """Note another line of the field ``name``; ``known`` is its value so far, which at the
+    second line is the first line's value."""
+    if repeated is None:
+        repeated = {}
+    values = repeated.get(name)
+    if values is None:
+        repeated[name] = [known, text]
+    else:
+        values.append(text)
+    return repeated
 
 
 class Response:
     """A response whose head was read; the body is read with :meth:`read1`.
 
-    ``headers`` maps lowercased names to values (repeated fields joined by ``", "``).
+    ``headers`` maps lowercased names to values (repeated fields joined by ``", "``);
+    :meth:`get_all` gives a field's values line by line.
     ``length_remaining`` is the announced Content-Length less what was read, or ``None``
     for a chunked body or one that ends with the connection.
     """
@@ -277,15 +306,24 @@ class Response:
         "_keep",
         "_left",
         "_pool",
+        "_repeated",
         "headers",
         "reason",
         "status",
     )
 
     def __init__(
-        self, conn: Connection, status: int, reason: str, version: int, headers: dict[str, str]
+        self,
+        conn: Connection,
+        status: int,
+        reason: str,
+        version: int,
+        headers: dict[str, str],
+        *,
+        repeated: dict[str, list[str]] | None = None,
     ) -> None:
         self._conn: Connection | None = conn
+        self._repeated = repeated
         self._pool: ConnectionPool | None = None
         self.status = status
         self.reason = reason
@@ -314,6 +352,13 @@ class Response:
             self._keep = False  # the body ends when the server closes the connection
         if self._left == 0:
             self._done = True
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of the field ``name`` (lowercase), one per header line, in order."""
+        if self._repeated is not None and name in self._repeated:
+            return list(self._repeated[name])
+        value = self.headers.get(name)
+        return [] if value is None else [value]
 
     @property
     def length_remaining(self) -> int | None:

@@ -41,6 +41,8 @@ path has no image index, default 0):
 ``/two-lengths``                two conflicting Content-Length headers (100 and 200)
 ``/gzip``                       the image gzip-compressed, ``Content-Encoding: gzip``
 ``/not-image``                  200 ``image/jpeg`` whose body is HTML
+``/opt-out/{n}?robots=V&tdm=V``  image ``n`` with one ``X-Robots-Tag: V`` per ``robots`` (say
+                                ``noai`` or ``fetchpool: noai``) and ``tdm-reservation: V``
 anything else                   404 with an HTML body
 ==============================  =================================================================
 
@@ -107,6 +109,7 @@ ENDPOINTS: Final = (
     ("/two-lengths", "two conflicting Content-Length headers"),
     ("/gzip", "image with Content-Encoding: gzip"),
     ("/not-image", "image/jpeg whose body is HTML"),
+    ("/opt-out/{n}?robots=V&tdm=V", "image n with X-Robots-Tag: V (repeatable), tdm-reservation"),
 )
 
 _HEAD_LIMIT: Final = 64 * 1024  # request head bytes before 431
@@ -295,6 +298,7 @@ class _App:
             "two-lengths": self._two_lengths,
             "gzip": self._gzip,
             "not-image": self._not_image,
+            "opt-out": self._opt_out,
         }
 
     # --- shared state (any thread) -----------------------------------------------------------
@@ -652,6 +656,24 @@ class _App:
 
     async def _not_image(self, req: _Request, parts: list[str], writer: _Writer) -> bool:
         return await self._reply(writer, req, 200, _NOT_IMAGE, content_type="image/jpeg")
+
+    async def _opt_out(self, req: _Request, parts: list[str], writer: _Writer) -> bool:
+        n = _index_or_none(parts[1]) if len(parts) == 2 else None
+        if n is None:
+            return await self._not_found(req, parts, writer)
+        _, _, raw_query = req.target.partition("?")
+        extra: list[tuple[str, str]] = []
+        for name, value in urllib.parse.parse_qsl(raw_query, keep_blank_values=True):
+            header = {"robots": "X-Robots-Tag", "tdm": "tdm-reservation"}.get(name)
+            if header is None:
+                continue
+            if not _safe_header_value(value):
+                return await self._bad_request(req, writer)
+            extra.append((header, value))
+        body = await self._image_body(n, "jpg", False)
+        return await self._reply(
+            writer, req, 200, body, content_type="image/jpeg", extra=tuple(extra)
+        )
 
     def _authority(self) -> str:
         return _authority(self.settings.host, self.settings.port)

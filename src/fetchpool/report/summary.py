@@ -47,6 +47,11 @@ HINTS: dict[str, str] = {
     ),
     "too_slow": "the transfer stayed below the minimum speed",
     "too_many_redirects": "more redirects than --max-redirects",
+    "opted_out": (
+        "the server's X-Robots-Tag (noai, noimageai, ...) or tdm-reservation header reserves "
+        "these files, so they were not saved; --disallowed-header-directives sets which "
+        "directives are honoured"
+    ),
 }
 #: HTTP statuses that ask the client to slow down.
 _SLOW_DOWN = {"429", "503"}

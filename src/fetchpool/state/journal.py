@@ -298,6 +298,7 @@ class Journal:
         argv: Sequence[str] | None = None,
         source: str | None = None,
         source_size: int | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Journal:
         """Prepare ``out`` for a run and open its journal.
 
@@ -323,7 +324,7 @@ class Journal:
             try:
                 _settle_staged(conn, out)
                 argv_list = list(sys.argv if argv is None else argv)
-                run_id = _start_run(conn, argv_list, source, source_size)
+                run_id = _start_run(conn, argv_list, source, source_size, settings)
             except BaseException:
                 conn.close()
                 raise
@@ -639,14 +640,27 @@ def _remove_own_file(path: Path) -> None:
 
 
 def _start_run(
-    conn: sqlite3.Connection, argv: list[str], source: str | None, source_size: int | None
+    conn: sqlite3.Connection,
+    argv: list[str],
+    source: str | None,
+    source_size: int | None,
+    settings: Mapping[str, Any] | None = None,
 ) -> int:
+    recorded = None if settings is None else schema.to_json(settings)
     try:
         with conn:
             cursor = conn.execute(
-                "INSERT INTO runs (started, version, argv, pid, source, source_size) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), __version__, json.dumps(argv), os.getpid(), source, source_size),
+                "INSERT INTO runs (started, version, argv, pid, source, source_size, settings) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    __version__,
+                    json.dumps(argv),
+                    os.getpid(),
+                    source,
+                    source_size,
+                    recorded,
+                ),
             )
     except sqlite3.Error as exc:
         raise StateError(f"cannot write the journal: {exc}") from exc

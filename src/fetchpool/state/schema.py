@@ -77,7 +77,7 @@ def upsert_many(rows: int) -> str:
 
 
 #: Columns of ``runs`` added after schema 1, added to older journals when they are opened.
-RUN_COLUMNS: dict[str, str] = {"source": "TEXT", "source_size": "INTEGER"}
+RUN_COLUMNS: dict[str, str] = {"source": "TEXT", "source_size": "INTEGER", "settings": "TEXT"}
 
 #: Stages one row of a shard (see the ``staged`` table): shard name, shard size, row.
 STAGE = (
@@ -108,7 +108,8 @@ DDL = (
         argv TEXT NOT NULL,
         pid INTEGER NOT NULL,
         source TEXT,
-        source_size INTEGER
+        source_size INTEGER,
+        settings TEXT
     )""",
 )
 
