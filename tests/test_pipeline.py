@@ -35,20 +35,6 @@ def _tiny_jpeg() -> bytes:
 JPEG = _tiny_jpeg()
 
 
-def _real_jpeg() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-#: A body dataset formats accept: they identify every sample as an image (issue 13).
-REAL_JPEG = _real_jpeg()
-
-
 def fake(handler: Callable[[Job], MockResponse]) -> Callable[[Path], MockFetcher]:
     return lambda tmp: MockFetcher(handler, tmp)
 
@@ -235,7 +221,7 @@ def test_webdataset_shards_larger_than_the_window_do_not_stall(tmp_path: Path) -
     report = download(
         urls(300),
         tmp_path / "out",
-        fetcher=fake(lambda job: MockResponse(body=REAL_JPEG + job.url.encode())),
+        fetcher=fake(lambda job: MockResponse(body=JPEG + job.url.encode())),
         format="webdataset",
         shard_size=1000,
         threads=4,
@@ -375,7 +361,7 @@ def test_a_different_input_into_the_same_folder_is_refused_before_any_fetch(
 
     def handler(job: Job) -> MockResponse:
         fetched.append(job.url)
-        return MockResponse(body=REAL_JPEG + job.url.encode())
+        return MockResponse(body=JPEG + job.url.encode())
 
     out = tmp_path / "out"
     first = tmp_path / "a.txt"
