@@ -224,6 +224,31 @@ def metadata_keys(out: Path) -> Counter[str]:
     return total
 
 
+def check_shard_stats(out: Path) -> None:
+    """Each shard's ``NNNNN_stats.json`` is there and counts exactly the rows of its metadata:
+    rows, statuses, error codes and the bytes of its samples."""
+    import pyarrow.parquet as pq
+
+    for shard, metadata in zip(shard_files(out), metadata_files(out), strict=True):
+        path = out / f"{shard.stem}_stats.json"
+        assert path.is_file(), f"{shard.name} without its stats"
+        stats = json.loads(path.read_text())
+        rows = pq.read_table(metadata, columns=["status", "error_code", "bytes"]).to_pylist()
+        status = Counter(row["status"] for row in rows)
+        errors = Counter(row["error_code"] for row in rows if row["error_code"] is not None)
+        found = {
+            "count": len(rows),
+            "successes": status["ok"],
+            "failed": status["failed"],
+            "skipped": status["skipped"],
+            "status": dict(sorted(status.items())),
+            "errors": dict(sorted(errors.items())),
+            "bytes": sum(row["bytes"] or 0 for row in rows if row["status"] == "ok"),
+        }
+        assert {k: stats[k] for k in found} == found, f"{path.name} does not match {metadata.name}"
+        assert stats["end_time"] >= stats["start_time"], path.name
+
+
 def _tar_members(path: Path) -> dict[str, list[bytes]]:
     """Sample key → the image payloads with that key; checks every image has its ``.json``."""
     images: dict[str, list[bytes]] = {}
@@ -362,6 +387,7 @@ def check_after_kill(out: Path, fmt: str, *, use_cli: bool = False) -> tuple[int
         assert not twice, f"rows in more than one shard's metadata: {twice}"
         missing = [r.position for r in journal if listed[key_of(r.position)] != 1]
         assert not missing, f"journaled rows in no shard's metadata: {missing[:20]}"
+        check_shard_stats(out)
     cache: dict[str, Counter[str]] = {}
     ok = 0
     for record in journal:
@@ -403,8 +429,9 @@ def check_complete(origin: Origin, out: Path, fmt: str, count: int, *, resized: 
     ]
     assert others == [], f"files besides the shards and their companions: {others}"
     shards = shard_files(out)
-    for shard in shards:
-        assert (out / f"{shard.stem}_stats.json").is_file(), f"{shard.name} without its stats"
+    check_shard_stats(out)
+    listed = metadata_keys(out)
+    assert listed == Counter({key_of(p): 1 for p in range(count)}), "rows in metadata != once"
     samples: dict[str, dict[str, list[bytes]]] = {p.name: shard_samples(p) for p in shards}
     keys: Counter[str] = Counter()
     for found in samples.values():

@@ -42,8 +42,10 @@ from durability_helpers import (
     check_complete,
     cli_manifest_rows,
     describe,
+    key_of,
     kill_tagged,
     manifest_rows,
+    metadata_keys,
     output_format,
     run_get,
     shard_files,
@@ -58,7 +60,7 @@ from durability_helpers import (
 )
 from fetchpool import Origin, Status
 from fetchpool.state.journal import iter_journal
-from reliability_helpers import final_files, sha
+from reliability_helpers import final_files, leftovers, sha
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +90,7 @@ KILL_VARIANTS: dict[str, tuple[str, ...]] = {
     "parquet": PARQUET,
     "files-fetch-processes": FETCH_PROCESSES,
     "webdataset-fetch-processes": (*WDS, *FETCH_PROCESSES),
+    "parquet-fetch-processes": (*PARQUET, *FETCH_PROCESSES),
     "files-resize": RESIZE,
     "webdataset-resize": (*WDS, *RESIZE),
 }
@@ -213,6 +216,83 @@ def test_case_39_43_kill_9_loop_converges_for_every_format_and_engine(
         assert len(cli_manifest_rows(out)) == count
         print(f"kill -9 loop {extra}: {kills} kills {dict(landed)}, {partial} mid-run")
         assert partial >= 3, f"the kills must land while work is in progress ({partial})"
+
+
+# ================================================= 39/43 kill -9 with failures: shard metadata
+
+#: Rows 40-79 fail (404): shards of --shard-size 10 then hold failures beside samples, and
+#: some hold only failures (a WebDataset one is its metadata ``NNNNN.parquet`` alone).
+METADATA_ITEMS = 120
+FAILING = range(40, 80)
+METADATA_KILLS = ("early", "mid", "late", "mid", "late", "late")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", [(), FETCH_PROCESSES], ids=["threads", "fetch-processes"])
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_case_39_43_after_kills_each_row_is_in_one_shards_metadata_with_matching_stats(
+    tmp_path: Path, tag: str, fmt: str, engine: tuple[str, ...]
+) -> None:
+    rng = random.Random(f"39 metadata {fmt} {engine}")
+    with Origin(latency=0.05, jitter=0.02) as origin:
+        wanted = [
+            origin.url(f"/status/404?n={n}") if n in FAILING else origin.image_url(n, small=True)
+            for n in range(METADATA_ITEMS)
+        ]
+        src = write_urls(tmp_path / "urls.txt", wanted)
+        out = tmp_path / "out"
+        args = [str(src), "-o", str(out), "--threads", "8", "--per-host", "8"]
+        args += ["--format", fmt, "--shard-size", "10", *engine]
+        log = tmp_path / "stderr.log"
+        kills = 0
+        for run in range(3 * len(METADATA_KILLS)):
+            if kills == len(METADATA_KILLS):
+                break
+            kind = METADATA_KILLS[kills]
+            outputs_before = _outputs(out, fmt) if out.exists() else 0
+            done = len(list(iter_journal(out))) if (out / ".fetchpool" / "state.db").exists() else 0
+            origin.reset_counters()
+            with log.open("ab") as stderr:
+                stderr.write(f"--- run {run} ({kind})\n".encode())
+                stderr.flush()
+                proc = spawn_get(args, tag, stderr=stderr)
+            try:
+                _land_kill(
+                    kind,
+                    proc,
+                    out=out,
+                    fmt=fmt,
+                    origin=origin,
+                    remaining=METADATA_ITEMS - done,
+                    outputs_before=outputs_before,
+                    rng=rng,
+                )
+            finally:
+                if proc.poll() is None:  # _land_kill raised
+                    proc.kill()
+                proc.wait(timeout=60)
+            assert proc.returncode in (0, 1, -signal.SIGKILL), _tail(log)
+            assert wait_no_tagged_processes(tag, 10.0) == []
+            check_after_kill(out, fmt)  # rows once in the metadata, stats match, samples once
+            if proc.returncode == -signal.SIGKILL:
+                kills += 1
+            else:  # got through before the kill: start over so the kills land mid-run
+                shutil.rmtree(out)
+        assert kills == len(METADATA_KILLS)
+        final = run_get(args, tag, timeout=180)
+        assert final.returncode == 1, final.stderr[-3000:]  # the 404 rows failed
+    rows = list(iter_journal(out))
+    assert [r.position for r in rows] == list(range(METADATA_ITEMS))
+    for row in rows:
+        failing = row.position in FAILING
+        assert (row.status is Status.FAILED) is failing and (row.status is Status.OK) is not failing
+    check_after_kill(out, fmt)
+    listed = metadata_keys(out)
+    assert listed == Counter({key_of(p): 1 for p in range(METADATA_ITEMS)})
+    assert sorted(all_shard_keys(out)) == [
+        key_of(p) for p in range(METADATA_ITEMS) if p not in FAILING
+    ]
+    assert leftovers(out) == []
 
 
 # ============================================================================ 44 another input
