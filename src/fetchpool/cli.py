@@ -240,6 +240,14 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--allow-cidr", "allow_cidrs", multiple=True, help="Allow this network (repeatable).")
 @click.option(
+    "--proxy",
+    metavar="URL",
+    help="HTTP proxy for http and https URLs: http://[user:password@]host:port. Default: "
+    "http_proxy, https_proxy, all_proxy, no_proxy from the environment, as curl reads them; "
+    "'' for none.",
+)
+@click.option("--no-proxy", is_flag=True, help="Use no proxy; ignore the environment's.")
+@click.option(
     "--cluster",
     metavar="ADDRESS",
     help="Spread the run over a Dask cluster: tcp://host:8786, or local / local:N "
@@ -294,13 +302,40 @@ def _options(kw: dict[str, Any]) -> Any:
     kw["max_bytes"] = _size(kw["max_bytes"])
     kw["format"] = kw.pop("output_format")
     kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
-    for name in ("max_pixels", "processes", "resize", "min_size", "rate_per_host", "shard"):
+    if kw.pop("no_proxy"):
+        if kw.get("proxy"):
+            raise click.UsageError("--no-proxy and --proxy URL contradict each other")
+        kw["proxy"] = ""
+    for name in (
+        "max_pixels",
+        "processes",
+        "resize",
+        "min_size",
+        "rate_per_host",
+        "shard",
+        "proxy",
+    ):
         if kw.get(name) is None:
             kw.pop(name, None)
     try:
-        return Options.from_kwargs(**kw)
+        options = Options.from_kwargs(**kw)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    _log_proxies(options.fetch)
+    return options
+
+
+def _log_proxies(fetch: Any) -> None:
+    # The environment's proxies are used without a flag (as curl and wget do): say so.
+    from fetchpool.proxies import ProxyPolicy
+
+    policy = ProxyPolicy.build(fetch.proxy, fetch.proxy_environment or ())
+    for scheme, proxy in (("http", policy.http), ("https", policy.https)):
+        if proxy is not None:
+            bypass = f", not for {policy.no_proxy}" if policy.no_proxy else ""
+            logging.getLogger("fetchpool").info(
+                "%s URLs go through proxy %s (%s%s)", scheme, proxy.shown, proxy.source, bypass
+            )
 
 
 def _run_get(

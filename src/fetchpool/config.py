@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from fetchpool._version import __version__
 from fetchpool.errors import ConfigError
+from fetchpool.proxies import ProxyPolicy, environment_proxies
 
 MiB = 1024 * 1024
 
@@ -72,6 +73,11 @@ class FetchConfig:
     allow_cidrs: tuple[str, ...] = ()
     accept_encoding: str = "identity"
     headers: tuple[tuple[str, str], ...] = ()
+    #: --proxy URL for http and https targets; "" no proxy at all (--no-proxy); None: the
+    #: environment's (fetchpool.proxies). The variables are captured when the config is built,
+    #: so fetch processes and cluster parts use the same proxies as the run that built it.
+    proxy: str | None = None
+    proxy_environment: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -103,6 +109,10 @@ class FetchConfig:
             *self.headers,
         ):
             _check_header(name, value)
+        if self.proxy_environment is None:
+            captured = () if self.proxy == "" else environment_proxies(os.environ)
+            object.__setattr__(self, "proxy_environment", captured)
+        ProxyPolicy.build(self.proxy, self.proxy_environment or ())  # raises for a bad URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +237,8 @@ class Options:
             value = (given,) if key == "allow_cidrs" and isinstance(given, str) else given
             if key in ("allow_cidrs", "headers") and isinstance(value, list):
                 value = tuple(value)
+            if key == "proxy_environment" and isinstance(value, Mapping):
+                value = environment_proxies(value)
             owner = next((c for c in groups if key in names[c] and c is not cls), None)
             if owner is None and key in names[cls] and key not in ("fetch", "image", "output"):
                 owner = cls
