@@ -423,3 +423,44 @@ def test_cli_proxy_options(origin: Origin, tmp_path: Path) -> None:
     both = ["get", str(source), "-o", str(tmp_path / "y"), "--proxy", "http://h:1", "--no-proxy"]
     clash = runner.invoke(main, both)
     assert clash.exit_code == 2 and "--no-proxy" in clash.output
+
+
+def test_proxy_credentials_never_reach_the_journal(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fetchpool.state.journal import Journal
+    from fetchpool.state.paths import db_path
+
+    argv = ["fetchpool", "get", "u.txt", "--proxy", "http://ann:s3cret@proxy.corp:3128"]
+    with Journal.open(tmp_path / "out", argv=argv):
+        pass
+    with sqlite3.connect(db_path(tmp_path / "out")) as conn:
+        (stored,) = conn.execute("SELECT argv FROM runs").fetchone()
+    conn.close()
+    assert "s3cret" not in stored and "http://ann:***@proxy.corp:3128" in stored
+
+
+def test_idle_proxy_connections_are_kept_for_every_fetch_thread() -> None:
+    """Plain requests to a proxy share one pool key: it keeps ``shared_idle`` connections
+    (one per fetch), where a target's key keeps ``per_host``."""
+    from fetchpool.fetch.http11 import Connection, ConnectionPool
+
+    pool = ConnectionPool(per_host=1, num_pools=4, insecure=False, shared_idle=3)
+    pairs = [socket.socketpair() for _ in range(8)]
+    try:
+        shared = ("http", "", 0, "via 127.0.0.1:3128")
+        direct = ("http", "a.test", 80, "127.0.0.1")
+        for n, (ours, _) in enumerate(pairs):
+            pool.put(Connection(ours, shared if n < 4 else direct, 1.0))
+        kept_shared = [pool._take_idle(shared) for _ in range(4)]
+        kept_direct = [pool._take_idle(direct) for _ in range(2)]
+        assert sum(c is not None for c in kept_shared) == 3
+        assert sum(c is not None for c in kept_direct) == 1
+        for conn in [*kept_shared, *kept_direct]:
+            if conn is not None:
+                conn.close()
+    finally:
+        pool.clear()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()

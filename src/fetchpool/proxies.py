@@ -92,9 +92,9 @@ def parse_proxy(url: str, source: str) -> Proxy:
     except ValueError as exc:
         raise ConfigError(f"{where}: not a proxy URL ({exc})") from None
     if parts.scheme.lower() != "http":
+        ignore = "" if source == "--proxy" else "; pass --no-proxy to ignore the environment's"
         raise ConfigError(
-            f"{where}: only http:// proxies are supported (not {parts.scheme}://); "
-            "pass --no-proxy to ignore the environment's proxies"
+            f"{where}: only http:// proxies are supported (not {parts.scheme}://){ignore}"
         )
     if not parts.hostname:
         raise ConfigError(f"{where}: the proxy URL has no host")

@@ -179,7 +179,10 @@ class HttpFetcher:
         # 42): the extra threads wait here instead, before their attempt's clock starts.
         self._slots = threading.BoundedSemaphore(concurrent)
         self._pool = ConnectionPool(
-            per_host=config.per_host, num_pools=pools, insecure=config.insecure
+            per_host=config.per_host,
+            num_pools=pools,
+            insecure=config.insecure,
+            shared_idle=concurrent,  # one proxy connection per fetch (fetchpool.proxies)
         )
         self._base_headers = self._initial_headers(None)
         self._proxies = ProxyPolicy.build(config.proxy, config.proxy_environment or ())

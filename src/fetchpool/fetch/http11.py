@@ -15,6 +15,9 @@ files. What is kept from urllib3's design: a per-(host, address) pool of idle co
 liveness check before reuse, and one transparent retry when a reused connection turns out to
 have been closed by the server before it answered (the request is a GET, safe to repeat).
 
+Through a proxy (:class:`Via`), a connection goes to the proxy's address instead: an https
+one is a CONNECT tunnel to the target, with TLS to the target's name inside it.
+
 Every failure is a :class:`WireError` (a :class:`~fetchpool.errors.FetchError`) carrying the
 item's error code; nothing else escapes, except :class:`KeyboardInterrupt` and friends.
 """
@@ -500,6 +503,8 @@ class ConnectionPool:
     A connection opened to one address is only ever reused for a request that the guard
     checked against that same address. At most ``per_host`` idle connections are kept per
     key and ``num_pools`` keys (the least recently used key's connections are closed first).
+    A key without a host (``("http", "", 0, route)``: plain requests to a proxy, for any
+    target) keeps up to ``shared_idle`` (default ``per_host``): every fetch thread may use it.
     Thread-safe.
     """
 
@@ -509,8 +514,10 @@ class ConnectionPool:
         per_host: int,
         num_pools: int,
         insecure: bool,
+        shared_idle: int | None = None,
     ) -> None:
         self._per_host = per_host
+        self._shared_idle = shared_idle or per_host
         self._num_pools = num_pools
         self._insecure = insecure
         self._tls: ssl.SSLContext | None = None
@@ -661,7 +668,7 @@ class ConnectionPool:
                         evicted.extend(oldest)
                 else:
                     self._idle.move_to_end(conn.key)
-                if len(idle) < self._per_host:
+                if len(idle) < (self._per_host if conn.key[1] else self._shared_idle):
                     idle.append(conn)
                 else:
                     evicted.append(conn)

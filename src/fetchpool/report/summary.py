@@ -42,6 +42,11 @@ HINTS: dict[str, str] = {
     ),
     "too_slow": "the transfer stayed below the minimum speed",
     "too_many_redirects": "more redirects than --max-redirects",
+    "proxy_error": (
+        "the proxy refused the request (a 407 wants credentials: "
+        "--proxy http://user:password@host:port, or the same in https_proxy/http_proxy); "
+        "--no-proxy ignores the environment's proxies"
+    ),
 }
 #: HTTP statuses that ask the client to slow down.
 _SLOW_DOWN = {"429", "503"}

@@ -31,6 +31,7 @@ from fetchpool import fsutil
 from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
+from fetchpool.redact import redact_text
 from fetchpool.state import schema
 from fetchpool.state.paths import PLAN_NAME, db_path, lock_path, state_dir, tmp_dir
 from fetchpool.storage import Store, is_remote
@@ -610,12 +611,14 @@ def _settle_staged(conn: sqlite3.Connection, out: Path) -> None:
 def _start_run(
     conn: sqlite3.Connection, argv: list[str], source: str | None, source_size: int | None
 ) -> int:
+    redacted = [redact_text(arg) for arg in argv]
     try:
         with conn:
             cursor = conn.execute(
                 "INSERT INTO runs (started, version, argv, pid, source, source_size) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), __version__, json.dumps(argv), os.getpid(), source, source_size),
+                # Masked: a run's argv may hold credentials (--proxy http://user:pw@host).
+                (time.time(), __version__, json.dumps(redacted), os.getpid(), source, source_size),
             )
     except sqlite3.Error as exc:
         raise StateError(f"cannot write the journal: {exc}") from exc
