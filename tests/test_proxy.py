@@ -287,7 +287,9 @@ def test_proxy_wanting_credentials_is_a_clear_proxy_error(
         missing = fetch(url, proxy=proxy.url())
         wrong = fetch(url, proxy=proxy.url("ann:not-the-password"))
     assert missing.error_code is wrong.error_code is ErrorCode.PROXY_ERROR
-    assert "407" in (missing.error_message or "")
+    assert "answered 407" in (missing.error_message or "")
+    asked = "CONNECT images.test:" if scheme == "https" else "GET http://images.test:"
+    assert asked in (missing.error_message or "")
     assert "the proxy wants credentials" in (missing.error_message or "")
     assert "refused the credentials" in (wrong.error_message or "")
     assert "not-the-password" not in (wrong.error_message or "")

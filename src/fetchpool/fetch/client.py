@@ -354,7 +354,8 @@ class HttpFetcher:
                 continue
             if response.status == 407:  # only a proxy says this (a tunnel's 407 fails above)
                 self._discard_body(response, attempt)
-                code, message = refusal(proxy.shown, 407, response.reason, "the request", sent)
+                what = f"GET {target.scheme}://{target.host_header()}"
+                code, message = refusal(proxy.shown, 407, response.reason, what, sent)
                 raise FetchError(code, message)
             return response
         assert last is not None  # lookup() never returns an empty list
