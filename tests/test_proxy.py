@@ -119,7 +119,7 @@ def test_no_proxy_matches_as_curl(host: str, no_proxy: str, expected: bool) -> N
 
 
 def policy(**environment: str) -> ProxyPolicy:
-    return ProxyPolicy.build(None, tuple(environment.items()))
+    return ProxyPolicy.build("env", tuple(environment.items()))
 
 
 def test_environment_variables_follow_curl() -> None:
@@ -149,7 +149,8 @@ def test_explicit_proxy_beats_the_environment_but_no_proxy_still_applies() -> No
     )
     assert chosen.route("http", "a.example") == route
     assert chosen.route("https", "x.inside.corp") is None
-    assert not ProxyPolicy.build("", environment).active  # --no-proxy / --proxy ''
+    assert not ProxyPolicy.build("", environment).active  # --proxy ''
+    assert not ProxyPolicy.build(None, environment).active  # the default: off unless asked
 
 
 def test_proxy_urls_are_parsed_and_never_shown_with_their_password() -> None:
@@ -183,7 +184,8 @@ def test_the_environment_is_captured_into_the_pickled_config(
 ) -> None:
     monkeypatch.setenv("https_proxy", "http://user:pw@proxy.corp:3128")
     monkeypatch.setenv("HTTP_PROXY", "http://evil:1")
-    config = FetchConfig()
+    assert FetchConfig().proxy_environment == ()  # off unless asked (RELIABILITY.md)
+    config = FetchConfig(proxy="env")
     assert config.proxy_environment == (("https_proxy", "http://user:pw@proxy.corp:3128"),)
     monkeypatch.delenv("https_proxy")
     again = pickle.loads(pickle.dumps(config))  # what fetch processes and cluster parts get
@@ -191,8 +193,8 @@ def test_the_environment_is_captured_into_the_pickled_config(
     assert route is not None and route.host == "proxy.corp"
     assert FetchConfig(proxy="").proxy_environment == ()
     monkeypatch.setenv("all_proxy", "socks5h://127.0.0.1:9050")
-    with pytest.raises(ConfigError, match=r"all_proxy .*only http:// proxies.*--no-proxy"):
-        FetchConfig()
+    with pytest.raises(ConfigError, match=r"all_proxy .*only http:// proxies.*--proxy env"):
+        FetchConfig(proxy="env")
     explicit = Options.from_kwargs(proxy_environment={"http_proxy": "http://p:1"})
     assert explicit.fetch.proxy_environment == (("http_proxy", "http://p:1"),)
 
@@ -379,15 +381,18 @@ def test_environment_proxies_are_honoured_and_no_proxy_bypasses(
 ) -> None:
     with ForwardProxy() as proxy:
         monkeypatch.setenv("http_proxy", proxy.url())
-        report = download([origin.image_url(n) for n in range(3)], tmp_path / "a", **LOOPBACK)
+        report = download([origin.image_url(0)], tmp_path / "d", **LOOPBACK)
+        assert report.exit_code == 0 and proxy.log == []  # not asked: direct (RELIABILITY.md)
+        env = {"proxy": "env", **LOOPBACK}
+        report = download([origin.image_url(n) for n in range(1, 4)], tmp_path / "a", **env)
         assert report.exit_code == 0 and len(proxy.seen("GET")) == 3
         monkeypatch.setenv("no_proxy", "example.org, 127.0.0.0/8")
-        report = download([origin.image_url(n) for n in range(3, 5)], tmp_path / "b", **LOOPBACK)
+        report = download([origin.image_url(n) for n in range(4, 6)], tmp_path / "b", **env)
         assert report.exit_code == 0 and len(proxy.seen("GET")) == 3  # direct this time
         monkeypatch.delenv("no_proxy")
-        report = download([origin.image_url(5)], tmp_path / "c", proxy="", **LOOPBACK)
-        assert report.exit_code == 0 and len(proxy.seen("GET")) == 3  # --no-proxy
-    assert len(origin.requests()) == 6
+        report = download([origin.image_url(6)], tmp_path / "c", proxy="", **LOOPBACK)
+        assert report.exit_code == 0 and len(proxy.seen("GET")) == 3  # --proxy ''
+    assert len(origin.requests()) == 7
 
 
 def test_upper_case_http_proxy_is_ignored(
@@ -395,7 +400,7 @@ def test_upper_case_http_proxy_is_ignored(
 ) -> None:
     with ForwardProxy() as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url())
-        report = download([origin.image_url(1)], tmp_path / "out", **LOOPBACK)
+        report = download([origin.image_url(1)], tmp_path / "out", proxy="env", **LOOPBACK)
     assert report.exit_code == 0 and proxy.log == []
 
 
@@ -422,9 +427,6 @@ def test_cli_proxy_options(origin: Origin, tmp_path: Path) -> None:
         main, ["get", str(source), "-o", str(tmp_path / "x"), "--proxy", "socks5://h:1"]
     )
     assert bad.exit_code == 2 and "--proxy" in bad.output and "only http://" in bad.output
-    both = ["get", str(source), "-o", str(tmp_path / "y"), "--proxy", "http://h:1", "--no-proxy"]
-    clash = runner.invoke(main, both)
-    assert clash.exit_code == 2 and "--no-proxy" in clash.output
 
 
 def test_proxy_credentials_never_reach_the_journal(tmp_path: Path) -> None:

@@ -241,12 +241,11 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.option("--allow-cidr", "allow_cidrs", multiple=True, help="Allow this network (repeatable).")
 @click.option(
     "--proxy",
-    metavar="URL",
-    help="HTTP proxy for http and https URLs: http://[user:password@]host:port. Default: "
-    "http_proxy, https_proxy, all_proxy, no_proxy from the environment, as curl reads them; "
-    "'' for none.",
+    metavar="URL|env",
+    help="HTTP proxy for http and https URLs: http://[user:password@]host:port, or 'env' for "
+    "http_proxy, https_proxy, all_proxy, no_proxy from the environment, as curl reads them. "
+    "Default: no proxy (the environment's only when asked).",
 )
-@click.option("--no-proxy", is_flag=True, help="Use no proxy; ignore the environment's.")
 @click.option(
     "--cluster",
     metavar="ADDRESS",
@@ -302,10 +301,6 @@ def _options(kw: dict[str, Any]) -> Any:
     kw["max_bytes"] = _size(kw["max_bytes"])
     kw["format"] = kw.pop("output_format")
     kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
-    if kw.pop("no_proxy"):
-        if kw.get("proxy"):
-            raise click.UsageError("--no-proxy and --proxy URL contradict each other")
-        kw["proxy"] = ""
     for name in (
         "max_pixels",
         "processes",

@@ -73,9 +73,10 @@ class FetchConfig:
     allow_cidrs: tuple[str, ...] = ()
     accept_encoding: str = "identity"
     headers: tuple[tuple[str, str], ...] = ()
-    #: --proxy URL for http and https targets; "" no proxy at all (--no-proxy); None: the
-    #: environment's (fetchpool.proxies). The variables are captured when the config is built,
-    #: so fetch processes and cluster parts use the same proxies as the run that built it.
+    #: --proxy URL for http and https targets; "env": the environment's (fetchpool.proxies);
+    #: None or "": no proxy (the default: proxies from the environment are off unless asked,
+    #: RELIABILITY.md). The variables are captured when the config is built, so fetch
+    #: processes and cluster parts use the same proxies as the run that built it.
     proxy: str | None = None
     proxy_environment: tuple[tuple[str, str], ...] | None = None
 
@@ -110,7 +111,7 @@ class FetchConfig:
         ):
             _check_header(name, value)
         if self.proxy_environment is None:
-            captured = () if self.proxy == "" else environment_proxies(os.environ)
+            captured = environment_proxies(os.environ) if self.proxy else ()
             object.__setattr__(self, "proxy_environment", captured)
         ProxyPolicy.build(self.proxy, self.proxy_environment or ())  # raises for a bad URL
 

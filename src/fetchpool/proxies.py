@@ -11,9 +11,10 @@ The variables are read as curl reads them (``lib/url.c``, ``lib/noproxy.c``): th
 name first, then the upper-case one, except ``HTTP_PROXY``, which curl never reads: a CGI
 program gets a request's ``Proxy:`` header as ``HTTP_PROXY`` ("httpoxy"), so an attacker
 could route our requests. A variable set to the empty string means "no proxy" for its
-scheme (no fall-back to ``all_proxy``). ``--proxy`` replaces the proxy variables; ``no_proxy``
-still applies to it, as in curl. ``--proxy ''`` (``--no-proxy``) turns every proxy off and
-ignores the environment.
+scheme (no fall-back to ``all_proxy``). They are read only when asked, with ``--proxy env``
+(RELIABILITY.md: proxies from the environment are off unless asked: a variable set for pip
+or a login shell must not silently route a bulk download). ``--proxy URL`` names the proxy;
+``no_proxy`` still applies to it, as in curl. Without ``--proxy`` no proxy is used.
 
 The policy holds no socket: the fetcher asks it where each hop goes (fetch/client.py) and
 the wire opens the tunnel (fetch/http11.py).
@@ -92,7 +93,7 @@ def parse_proxy(url: str, source: str) -> Proxy:
     except ValueError as exc:
         raise ConfigError(f"{where}: not a proxy URL ({exc})") from None
     if parts.scheme.lower() != "http":
-        ignore = "" if source == "--proxy" else "; pass --no-proxy to ignore the environment's"
+        ignore = "" if source == "--proxy" else "; drop --proxy env to ignore the environment's"
         raise ConfigError(
             f"{where}: only http:// proxies are supported (not {parts.scheme}://){ignore}"
         )
@@ -114,6 +115,10 @@ def environment_proxies(environ: Mapping[str, str]) -> tuple[tuple[str, str], ..
     return tuple((name, environ[name]) for name in PROXY_VARIABLES if name in environ)
 
 
+#: ``--proxy env``: use the proxies the environment names (off unless asked: RELIABILITY.md).
+FROM_ENVIRONMENT = "env"
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyPolicy:
     """Where each target goes: a proxy per target scheme and the hosts that go direct."""
@@ -124,13 +129,14 @@ class ProxyPolicy:
 
     @classmethod
     def build(cls, proxy: str | None, environment: tuple[tuple[str, str], ...]) -> ProxyPolicy:
-        """From ``--proxy`` (``None``: not given; ``""``: none at all) and the variables
-        captured from the environment; raise :class:`ConfigError` for an unusable URL."""
-        if proxy == "":
+        """From ``--proxy`` (``None`` or ``""``: no proxy, the default; ``"env"``: the
+        environment's, as curl reads it; else a proxy URL) and the variables captured from the
+        environment; raise :class:`ConfigError` for an unusable URL."""
+        if proxy is None or proxy == "":
             return cls()
         env = dict(environment)
         no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
-        if proxy is not None:
+        if proxy != FROM_ENVIRONMENT:
             given = parse_proxy(proxy, "--proxy")
             return cls(given, given, no_proxy)
         chosen: dict[str, Proxy | None] = {}

@@ -44,8 +44,8 @@ HINTS: dict[str, str] = {
     "too_many_redirects": "more redirects than --max-redirects",
     "proxy_error": (
         "the proxy refused the request (a 407 wants credentials: "
-        "--proxy http://user:password@host:port, or the same in https_proxy/http_proxy); "
-        "--no-proxy ignores the environment's proxies"
+        "--proxy http://user:password@host:port, or the same in https_proxy/http_proxy "
+        "with --proxy env)"
     ),
 }
 #: HTTP statuses that ask the client to slow down.
