@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,13 @@ from fetchpool.config import FetchConfig
 from fetchpool.fetch import HttpFetcher
 from fetchpool.fetch import transport as transport_module
 from fetchpool.origin import Origin
+from fetchpool.proxies import PROXY_VARIABLES
+
+# Before any test module is collected: configs built at import time (``CONFIG = ...``) capture
+# the proxy variables too, and a proxy set on the CI machine must not route the suite's
+# loopback traffic (fetchpool honours http_proxy & co., docs/usage.md).
+for _name in {*PROXY_VARIABLES, "HTTP_PROXY"}:
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture
@@ -62,3 +70,11 @@ def fetcher_factory(tmp_dir: Path) -> Iterator[Callable[..., HttpFetcher]]:
     yield make
     for fetcher in made:
         fetcher.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees a proxy variable another test (or a library) set; proxy tests set their
+    own afterwards, and subprocesses inherit the cleared environment."""
+    for name in {*PROXY_VARIABLES, "HTTP_PROXY"}:
+        monkeypatch.delenv(name, raising=False)

@@ -271,6 +271,13 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--allow-cidr", "allow_cidrs", multiple=True, help="Allow this network (repeatable).")
 @click.option(
+    "--proxy",
+    metavar="URL|env",
+    help="HTTP proxy for http and https URLs: http://[user:password@]host:port, or 'env' for "
+    "http_proxy, https_proxy, all_proxy, no_proxy from the environment, as curl reads them. "
+    "Default: no proxy (the environment's only when asked).",
+)
+@click.option(
     "--cluster",
     metavar="ADDRESS",
     help="Spread the run over a Dask cluster: tcp://host:8786, or local / local:N "
@@ -334,13 +341,29 @@ def _options(kw: dict[str, Any]) -> Any:
         "shard",
         "user_agent_token",
         "disallowed_header_directives",
+        "proxy",
     ):
         if kw.get(name) is None:
             kw.pop(name, None)
     try:
-        return Options.from_kwargs(**kw)
+        options = Options.from_kwargs(**kw)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    _log_proxies(options.fetch)
+    return options
+
+
+def _log_proxies(fetch: Any) -> None:
+    # The environment's proxies are used without a flag (as curl and wget do): say so.
+    from fetchpool.proxies import ProxyPolicy
+
+    policy = ProxyPolicy.build(fetch.proxy, fetch.proxy_environment or ())
+    for scheme, proxy in (("http", policy.http), ("https", policy.https)):
+        if proxy is not None:
+            bypass = f", not for {policy.no_proxy}" if policy.no_proxy else ""
+            logging.getLogger("fetchpool").info(
+                "%s URLs go through proxy %s (%s%s)", scheme, proxy.shown, proxy.source, bypass
+            )
 
 
 def _run_get(

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from fetchpool._version import __version__
 from fetchpool.errors import ConfigError
+from fetchpool.proxies import ProxyPolicy, environment_proxies
+from fetchpool.redact import redact_text
 
 MiB = 1024 * 1024
 
@@ -123,6 +125,12 @@ class FetchConfig:
     #: Responses carrying one of these opt-out directives are not saved (``opted_out``);
     #: a comma-separated string is accepted too, ``""`` honours none.
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
+    #: --proxy URL for http and https targets; "env": the environment's (fetchpool.proxies);
+    #: None or "": no proxy (the default: proxies from the environment are off unless asked,
+    #: RELIABILITY.md). The variables are captured when the config is built, so fetch
+    #: processes and cluster parts use the same proxies as the run that built it.
+    proxy: str | None = None
+    proxy_environment: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -173,6 +181,10 @@ class FetchConfig:
             *self.headers,
         ):
             _check_header(name, value)
+        if self.proxy_environment is None:
+            captured = environment_proxies(os.environ) if self.proxy else ()
+            object.__setattr__(self, "proxy_environment", captured)
+        ProxyPolicy.build(self.proxy, self.proxy_environment or ())  # raises for a bad URL
 
     def accepts(self, content_type: str | None) -> bool:
         """Whether ``--accept`` lets a response with this Content-Type through. A missing
@@ -340,6 +352,12 @@ class Options:
             stages[name] = {f.name: getattr(config, f.name) for f in fields(config)}
         stages["fetch"]["user_agent"] = self.fetch.request_user_agent
         stages["fetch"]["headers"] = [name for name, _ in self.fetch.headers]
+        # Proxies may carry credentials (http://user:password@host): masked, and only the
+        # names of the environment's proxy variables.
+        stages["fetch"]["proxy"] = redact_text(self.fetch.proxy) if self.fetch.proxy else None
+        stages["fetch"]["proxy_environment"] = [
+            name for name, _ in self.fetch.proxy_environment or ()
+        ]
         for name in ("input_format", "url_column", "retry_failed", "shard", "window"):
             stages[name] = getattr(self, name)
         return stages
@@ -372,6 +390,8 @@ class Options:
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             if key == "encode" and value is None:
                 continue  # the default: see _default_encode
+            if key == "proxy_environment" and isinstance(value, Mapping):
+                value = environment_proxies(value)
             owner = next((c for c in groups if key in names[c] and c is not cls), None)
             if owner is None and key in names[cls] and key not in ("fetch", "image", "output"):
                 owner = cls

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     TLS_ERROR = "tls_error"
     PROTOCOL_ERROR = "protocol_error"
     BLOCKED_ADDRESS = "blocked_address"
+    PROXY_ERROR = "proxy_error"  # the proxy refused the request (407, 403...): not retried
     # HTTP
     HTTP_ERROR = "http_error"
     TOO_MANY_REDIRECTS = "too_many_redirects"

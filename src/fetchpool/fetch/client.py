@@ -37,12 +37,13 @@ from fetchpool.errors import DiskFullError, FetchError
 from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
 from fetchpool.fetch.decoding import Decoder, decoder_for
 from fetchpool.fetch.guard import AddressGuard
-from fetchpool.fetch.http11 import ConnectionPool, Key, Response, WireError
+from fetchpool.fetch.http11 import ConnectionPool, Key, Response, Via, WireError
 from fetchpool.fetch.optout import agent_tokens, opt_out
 from fetchpool.fetch.transport import Watch, Watchdog
 from fetchpool.models import ErrorCode, Hop, Job, Record, Status
 from fetchpool.plainurl import host_key, split_plain
 from fetchpool.policies import parse_retry_after
+from fetchpool.proxies import Proxy, ProxyPolicy, refusal
 from fetchpool.redact import redact_text, redact_url
 
 __all__ = [
@@ -179,11 +180,15 @@ class HttpFetcher:
         # 42): the extra threads wait here instead, before their attempt's clock starts.
         self._slots = threading.BoundedSemaphore(concurrent)
         self._pool = ConnectionPool(
-            per_host=config.per_host, num_pools=pools, insecure=config.insecure
+            per_host=config.per_host,
+            num_pools=pools,
+            insecure=config.insecure,
+            shared_idle=concurrent,  # one proxy connection per fetch (fetchpool.proxies)
         )
         self._base_headers = self._initial_headers(None)
         self._disallowed = frozenset(config.disallowed_header_directives)
         self._agents = agent_tokens(config.user_agent, config.user_agent_token)
+        self._proxies = ProxyPolicy.build(config.proxy, config.proxy_environment or ())
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
@@ -309,6 +314,9 @@ class HttpFetcher:
     # -- one request --------------------------------------------------------------------------
 
     def _open(self, target: _Target, headers: _Headers, attempt: _Attempt) -> Response:
+        proxy = self._proxies.route(target.scheme, target.host) if self._proxies.active else None
+        if proxy is not None:
+            return self._open_via(proxy, target, headers, attempt)
         addresses = self._guard.resolve(target.host, target.port)
         last: FetchError | None = None
         for address in addresses:
@@ -323,16 +331,65 @@ class HttpFetcher:
         assert last is not None  # resolve() never returns an empty list
         raise last
 
-    def _request(self, target: _Target, ip: str, headers: _Headers, attempt: _Attempt) -> Response:
+    def _open_via(
+        self, proxy: Proxy, target: _Target, headers: _Headers, attempt: _Attempt
+    ) -> Response:
+        """The request through ``proxy`` (docs/security.md, "Proxies"). The guard checks
+        the target as if connecting to it, before anything is sent; the proxy is sent the
+        name. With every address allowed there is nothing to check, and the name is not
+        resolved here at all (as curl: the proxy may be the only one that can)."""
+        if not self._guard.allow_private_networks:
+            self._guard.resolve(target.host, target.port)
+        try:
+            addresses = self._guard.lookup(proxy.host, proxy.port)  # the user's choice
+        except FetchError as exc:
+            raise FetchError(exc.code, f"proxy {proxy.shown}: {exc.message}") from exc
+        sent = (("Proxy-Authorization", proxy.authorization),) if proxy.authorization else ()
+        last: FetchError | None = None
+        for address in addresses:
+            via = Via(proxy.shown, str(address), proxy.port, sent)
+            try:
+                response = self._request(target, "", headers, attempt, via)
+            except FetchError as exc:
+                if exc.code is not ErrorCode.CONNECT_ERROR:
+                    raise
+                last = exc
+                continue
+            if response.status == 407:  # only a proxy says this (a tunnel's 407 fails above)
+                self._discard_body(response, attempt)
+                what = f"GET {target.scheme}://{target.host_header()}"
+                code, message = refusal(proxy.shown, 407, response.reason, what, sent)
+                raise FetchError(code, message)
+            return response
+        assert last is not None  # lookup() never returns an empty list
+        raise last
+
+    def _request(
+        self,
+        target: _Target,
+        ip: str,
+        headers: _Headers,
+        attempt: _Attempt,
+        via: Via | None = None,
+    ) -> Response:
         left = attempt.ensure_time(self._config.total_timeout)
         key: Key = (target.scheme, target.host.lower(), target.port, ip)
+        absolute = False
+        if via is not None:
+            route = f"via {via.address}:{via.port}"
+            if target.scheme == "https":  # a tunnel is one target's
+                key = (target.scheme, target.host.lower(), target.port, route)
+            else:  # a plain connection to the proxy carries requests for any target
+                key, absolute = ("http", "", 0, route), True
+                headers = {**headers, **{n.lower(): (n, v) for n, v in via.headers}}
         try:
             return self._pool.request(
                 key,
-                _request_bytes(target, headers),
+                _request_bytes(target, headers, absolute=absolute),
                 connect_timeout=min(self._config.connect_timeout, left),
                 read_timeout=min(self._config.read_timeout, left),
                 header_budget=self._config.max_header_bytes,
+                via=via,
             )
         except (WireError, OSError, ValueError) as exc:
             raise self._translate(exc, attempt) from exc
@@ -664,9 +721,16 @@ def _without_credentials(headers: _Headers) -> _Headers:
     return {key: field for key, field in headers.items() if key not in _CREDENTIAL_HEADERS}
 
 
-def _request_bytes(target: _Target, headers: _Headers) -> bytes:
-    """The GET request for ``target``: request line, Host (unless given), the other fields."""
-    lines = [f"GET {target.request_uri} HTTP/1.1"]
+def _request_bytes(target: _Target, headers: _Headers, *, absolute: bool = False) -> bytes:
+    """The GET request for ``target``: request line, Host (unless given), the other fields.
+
+    ``absolute``: the request line names the whole URL (``GET http://host/path``), as a
+    proxy is asked (RFC 9112 3.2.2); without the URL's userinfo, which never leaves here.
+    """
+    uri = target.request_uri
+    if absolute:
+        uri = f"{target.scheme}://{target.host_header()}{uri}"
+    lines = [f"GET {uri} HTTP/1.1"]
     if "host" not in headers:
         lines.append(f"Host: {target.host_header()}")
     lines.extend(f"{name}: {value}" for name, value in headers.values())

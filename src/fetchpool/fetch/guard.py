@@ -173,6 +173,12 @@ class AddressGuard:
             self.check(host, address)
         return addresses
 
+    def lookup(self, host: str, port: int) -> list[Address]:
+        """Every address of ``host``, **unchecked**: only for the proxy the user named
+        (``--proxy`` or the environment), which may well live on a private network."""
+        literal = parse_literal(host)
+        return [literal] if literal is not None else self._lookup(host, port)
+
     def check(self, host: str, address: Address) -> None:
         """Raise :class:`BlockedAddressError` unless ``address`` is an allowed destination."""
         if self.allow_private_networks or self._explicitly_allowed(address):

@@ -15,6 +15,9 @@ files. What is kept from urllib3's design: a per-(host, address) pool of idle co
 liveness check before reuse, and one transparent retry when a reused connection turns out to
 have been closed by the server before it answered (the request is a GET, safe to repeat).
 
+Through a proxy (:class:`Via`), a connection goes to the proxy's address instead: an https
+one is a CONNECT tunnel to the target, with TLS to the target's name inside it.
+
 Every failure is a :class:`WireError` (a :class:`~fetchpool.errors.FetchError`) carrying the
 item's error code; nothing else escapes, except :class:`KeyboardInterrupt` and friends.
 """
@@ -29,16 +32,17 @@ import socket
 import struct
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from fetchpool.errors import FetchError
 from fetchpool.fetch import transport
 from fetchpool.models import ErrorCode
+from fetchpool.proxies import refusal
 
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["Connection", "ConnectionPool", "Response", "WireError", "tls_context"]
+__all__ = ["Connection", "ConnectionPool", "Response", "Via", "WireError", "tls_context"]
 
 #: Bytes asked of the kernel per read while looking for the end of the headers: a small
 #: response (headers + body) usually arrives in one read.
@@ -57,6 +61,20 @@ MAX_TIMEOUT = 365 * 86400.0
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 Key = tuple[str, str, int, str]  # (scheme, host lowercased, port, pinned address)
+
+
+class Via(NamedTuple):
+    """The HTTP proxy a connection goes through (chosen by :mod:`fetchpool.proxies`).
+
+    ``name`` is its URL with the password masked (for messages), ``address`` what to connect
+    to (the user's own choice: the guard checks the target, not the proxy), ``headers`` the
+    fields the proxy itself is sent with a CONNECT (``Proxy-Authorization``).
+    """
+
+    name: str
+    address: str
+    port: int
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class WireError(FetchError):
@@ -468,12 +486,70 @@ class Response:
             conn.close()
 
 
+def _open(ip: str, port: int, timeout: float, name: str) -> socket.socket:
+    try:
+        return transport.open_socket(ip, port, timeout, SOCKET_OPTIONS)
+    except TimeoutError:
+        raise WireError(
+            ErrorCode.CONNECT_TIMEOUT,
+            f"connect timed out: connection to {name} ({ip}) timed out",
+        ) from None
+    except OSError as exc:
+        message = f"cannot connect: to {name} ({ip}): {exc}"
+        raise WireError(ErrorCode.CONNECT_ERROR, message) from exc
+
+
+def _tunnel(sock: socket.socket, authority: str, via: Via, budget: int) -> None:
+    """Ask the proxy on ``sock`` for a tunnel to ``authority`` (host:port); close ``sock`` and
+    raise unless it answered 2xx. Bounded like any connect: the socket's connect timeout per
+    read, ``budget`` bytes of answer, the attempt's deadline (the watchdog holds ``sock``)."""
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{name}: {value}" for name, value in via.headers]
+    try:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while (blank := _BLANK_LINE.search(data)) is None:
+            if len(data) > budget:
+                raise _protocol_error(f"proxy {via.name}: CONNECT answer exceeds the size limit")
+            chunk = sock.recv(HEAD_READ)
+            if not chunk:
+                raise WireError(
+                    ErrorCode.CONNECT_ERROR,
+                    f"cannot connect: proxy {via.name} closed the connection at CONNECT "
+                    f"{authority}",
+                )
+            data += chunk
+        status, _, reason, _, _ = _parse_head(data[: blank.start()])
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            raise WireError(
+                ErrorCode.CONNECT_TIMEOUT,
+                f"connect timed out: proxy {via.name} did not answer CONNECT {authority}",
+            ) from None
+        if isinstance(exc, OSError):
+            raise WireError(
+                ErrorCode.CONNECT_ERROR,
+                f"cannot connect: CONNECT {authority} through proxy {via.name}: {exc}",
+            ) from exc
+        raise
+    if not 200 <= status < 300:
+        sock.close()
+        code, message = refusal(via.name, status, reason, f"CONNECT {authority}", via.headers)
+        raise WireError(code, message)
+    if blank.end() != len(data):  # the target speaks first only after our TLS hello
+        sock.close()
+        raise _protocol_error(f"proxy {via.name} sent bytes after its CONNECT answer")
+
+
 class ConnectionPool:
     """Idle keep-alive connections by (scheme, host, port, pinned address).
 
     A connection opened to one address is only ever reused for a request that the guard
     checked against that same address. At most ``per_host`` idle connections are kept per
     key and ``num_pools`` keys (the least recently used key's connections are closed first).
+    A key without a host (``("http", "", 0, route)``: plain requests to a proxy, for any
+    target) keeps up to ``shared_idle`` (default ``per_host``): every fetch thread may use it.
     Thread-safe.
     """
 
@@ -483,8 +559,10 @@ class ConnectionPool:
         per_host: int,
         num_pools: int,
         insecure: bool,
+        shared_idle: int | None = None,
     ) -> None:
         self._per_host = per_host
+        self._shared_idle = shared_idle or per_host
         self._num_pools = num_pools
         self._insecure = insecure
         self._tls: ssl.SSLContext | None = None
@@ -500,10 +578,15 @@ class ConnectionPool:
         connect_timeout: float,
         read_timeout: float,
         header_budget: int,
+        via: Via | None = None,
     ) -> Response:
         """Send ``request`` on an idle connection for ``key`` or a new one; the response head.
 
         A reused connection found closed before it answered is replaced once by a new one.
+        With ``via``, a new connection goes to that proxy: for ``https`` a CONNECT tunnel to
+        the key's host and port, then TLS to that host inside it; for ``http`` the caller's
+        request (absolute-form) is the proxy's to forward. The caller's ``key`` says which
+        idle connections fit: a tunnel is one target's, a plain proxy connection any's.
         """
         conn = self._take_idle(key)
         if conn is not None:
@@ -513,7 +596,7 @@ class ConnectionPool:
             except _Stale:
                 conn.close()
                 self._drop_idle(key)  # its siblings were likely closed at the same time
-        conn = self._connect(key, connect_timeout)
+        conn = self._connect(key, connect_timeout, via, header_budget)
         try:
             return self._exchange(conn, request, read_timeout, header_budget)
         except _Stale:  # a new connection is never stale; defensive only
@@ -533,20 +616,17 @@ class ConnectionPool:
         response._pool = self
         return response
 
-    def _connect(self, key: Key, timeout: float) -> Connection:
+    def _connect(
+        self, key: Key, timeout: float, via: Via | None = None, header_budget: int = HEAD_READ
+    ) -> Connection:
         scheme, host, port, ip = key
-        try:
-            sock = transport.open_socket(ip, port, timeout, SOCKET_OPTIONS)
-        except TimeoutError:
-            raise WireError(
-                ErrorCode.CONNECT_TIMEOUT,
-                f"connect timed out: connection to {host} ({ip}) timed out",
-            ) from None
-        except OSError as exc:
-            raise WireError(
-                ErrorCode.CONNECT_ERROR, f"cannot connect: to {host} ({ip}): {exc}"
-            ) from exc
+        if via is None:
+            sock = _open(ip, port, timeout, host)
+        else:
+            sock = _open(via.address, via.port, timeout, f"proxy {via.name}")
         transport.attach_current(sock)
+        if via is not None and scheme == "https":
+            _tunnel(sock, f"{host}:{port}", via, header_budget)
         if scheme == "https":
             sock = self._handshake(sock, host, timeout)
         return Connection(sock, key, timeout)
@@ -633,7 +713,7 @@ class ConnectionPool:
                         evicted.extend(oldest)
                 else:
                     self._idle.move_to_end(conn.key)
-                if len(idle) < self._per_host:
+                if len(idle) < (self._per_host if conn.key[1] else self._shared_idle):
                     idle.append(conn)
                 else:
                     evicted.append(conn)

@@ -52,6 +52,11 @@ HINTS: dict[str, str] = {
         "these files, so they were not saved; --disallowed-header-directives sets which "
         "directives are honoured"
     ),
+    "proxy_error": (
+        "the proxy refused the request (a 407 wants credentials: "
+        "--proxy http://user:password@host:port, or the same in https_proxy/http_proxy "
+        "with --proxy env)"
+    ),
 }
 #: HTTP statuses that ask the client to slow down.
 _SLOW_DOWN = {"429", "503"}

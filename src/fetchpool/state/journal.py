@@ -31,6 +31,7 @@ from fetchpool import fsutil
 from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
+from fetchpool.redact import redact_text
 from fetchpool.state import schema
 from fetchpool.state.paths import (
     PLAN_NAME,
@@ -655,7 +656,8 @@ def _start_run(
                 (
                     time.time(),
                     __version__,
-                    json.dumps(argv),
+                    # Masked: a run's argv may hold credentials (--proxy http://user:pw@host).
+                    json.dumps([redact_text(arg) for arg in argv]),
                     os.getpid(),
                     source,
                     source_size,
