@@ -247,6 +247,17 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (recorded).")
 @click.option(
+    "--ca-certificate",
+    metavar="FILE",
+    help="Also trust the CA certificates of this PEM bundle (a private CA), besides the "
+    "system store, as wget's option does. SSL_CERT_FILE replaces the store instead.",
+)
+@click.option(
+    "--ca-directory",
+    metavar="DIR",
+    help="Also trust the CA certificates of this OpenSSL hashed folder (openssl rehash DIR).",
+)
+@click.option(
     "--allow-private-networks",
     is_flag=True,
     help="Allow loopback/private/link-local destinations (off by default).",
@@ -316,6 +327,8 @@ def _options(kw: dict[str, Any]) -> Any:
         "shard",
         "user_agent_token",
         "disallowed_header_directives",
+        "ca_certificate",
+        "ca_directory",
     ):
         if kw.get(name) is None:
             kw.pop(name, None)

@@ -76,6 +76,75 @@ def parse_directives(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(result)
 
 
+#: A CA bundle larger than this is not a CA bundle (Mozilla's whole store is ~220 KB).
+_MAX_CA_BYTES = 16 * MiB
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+#: OpenSSL's hashed names in a CA folder: ``5ed36f99.0`` (``.r0`` for CRLs).
+_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
+
+
+def load_ca_certificate(path: str) -> str:
+    """The PEM certificates of the bundle at ``path``, checked by OpenSSL, as one string.
+
+    Raises :class:`ConfigError` naming ``--ca-certificate`` when the file is missing,
+    unreadable, not PEM or holds a certificate OpenSSL refuses. Text around the blocks
+    (comments, an ``Issuer:`` line in another script) is dropped.
+    """
+    option = f"--ca-certificate {path}"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_CA_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{option}: is a folder; a folder of hashed certificates goes with --ca-directory"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read it: {exc.strerror or exc}") from None
+    _check(len(data) <= _MAX_CA_BYTES, f"{option}: larger than 16 MiB, not a CA bundle")
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        what = "a private key" if b"PRIVATE KEY-----" in data else "no certificate"
+        raise ConfigError(
+            f"{option}: {what}, not a PEM bundle of CA certificates "
+            "('-----BEGIN CERTIFICATE-----' blocks; convert DER with "
+            "'openssl x509 -inform der -in FILE -out FILE.pem')"
+        )
+    pem = b"\n".join(blocks).decode("ascii", "replace") + "\n"
+    import ssl  # only when the option is used: it costs start-up time
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{option}: not a valid certificate: {exc}") from None
+    return pem
+
+
+def check_ca_directory(path: str) -> None:
+    """Raise :class:`ConfigError` naming ``--ca-directory`` unless ``path`` is a readable
+    folder with OpenSSL's hashed certificate names in it (``openssl rehash`` makes them)."""
+    option = f"--ca-directory {path}"
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: no such folder") from None
+    except NotADirectoryError:
+        raise ConfigError(
+            f"{option}: not a folder (a PEM bundle goes with --ca-certificate)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read it: {exc.strerror or exc}") from None
+    _check(
+        any(_HASHED_NAME.fullmatch(name) for name in names),
+        f"{option}: no hashed certificate names (like 5ed36f99.0) in it: OpenSSL looks "
+        f"certificates up by them; run 'openssl rehash {path}' (or c_rehash), or give a PEM "
+        "bundle with --ca-certificate",
+    )
+
+
 def _check_header(name: str, value: str) -> None:
     """Request header fields are sent as given: a CR or LF in them would split the request."""
     _check(bool(_TOKEN.fullmatch(name)), f"header name {name[:40]!r} is not an HTTP token")
@@ -118,6 +187,16 @@ class FetchConfig:
     #: Responses carrying one of these opt-out directives are not saved (``opted_out``);
     #: a comma-separated string is accepted too, ``""`` honours none.
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
+    #: A PEM bundle of CA certificates trusted in addition to the system store (wget's
+    #: ``--ca-certificate``); ``SSL_CERT_FILE`` replaces the system store instead.
+    ca_certificate: str | None = None
+    #: An OpenSSL hashed folder of CA certificates trusted in addition (wget's
+    #: ``--ca-directory``); it must exist wherever the fetches run.
+    ca_directory: str | None = None
+    #: (path, PEM text) of ``ca_certificate``, read when the config is built: the text
+    #: travels with the config to fetch processes and cluster workers, which may not have
+    #: the file. Set by the config itself.
+    ca_pem: tuple[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -157,6 +236,16 @@ class FetchConfig:
             "disallowed_header_directives",
             parse_directives(self.disallowed_header_directives),
         )
+        if self.ca_certificate is not None:
+            path = os.fspath(self.ca_certificate)
+            object.__setattr__(self, "ca_certificate", path)
+            if self.ca_pem is None or self.ca_pem[0] != path:  # a copy keeps what was read
+                object.__setattr__(self, "ca_pem", (path, load_ca_certificate(path)))
+        else:
+            object.__setattr__(self, "ca_pem", None)
+        if self.ca_directory is not None:
+            object.__setattr__(self, "ca_directory", os.fspath(self.ca_directory))
+            check_ca_directory(self.ca_directory)
         for name, value in (
             ("User-Agent", self.request_user_agent),
             ("Accept-Encoding", self.accept_encoding),
@@ -283,6 +372,7 @@ class Options:
             stages[name] = {f.name: getattr(config, f.name) for f in fields(config)}
         stages["fetch"]["user_agent"] = self.fetch.request_user_agent
         stages["fetch"]["headers"] = [name for name, _ in self.fetch.headers]
+        del stages["fetch"]["ca_pem"]  # the bundle's text: its path is there
         for name in ("input_format", "url_column", "retry_failed", "shard", "window"):
             stages[name] = getattr(self, name)
         return stages

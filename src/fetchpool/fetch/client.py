@@ -179,7 +179,11 @@ class HttpFetcher:
         # 42): the extra threads wait here instead, before their attempt's clock starts.
         self._slots = threading.BoundedSemaphore(concurrent)
         self._pool = ConnectionPool(
-            per_host=config.per_host, num_pools=pools, insecure=config.insecure
+            per_host=config.per_host,
+            num_pools=pools,
+            insecure=config.insecure,
+            ca_data=config.ca_pem[1] if config.ca_pem is not None else None,
+            ca_directory=config.ca_directory,
         )
         self._base_headers = self._initial_headers(None)
         self._disallowed = frozenset(config.disallowed_header_directives)
