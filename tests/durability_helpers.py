@@ -35,6 +35,7 @@ TAG_VAR = "FETCHPOOL_TEST_TAG"
 FLAGS = ("--allow-private-networks", "-q")
 SHARD_SUFFIXES = (".tar", ".parquet")
 _SHARD_NAME = re.compile(r"\d{5,}\.(tar|parquet)")
+_COMPANION = re.compile(r"\d{5,}_stats\.json")
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -195,12 +196,32 @@ def key_of(position: int) -> str:
 
 
 def shard_files(out: Path) -> list[Path]:
-    """Every ``*.tar`` / ``*.parquet`` under OUT outside ``.fetchpool`` (temp names excluded)."""
+    """Every ``*.tar`` / ``*.parquet`` under OUT outside ``.fetchpool`` (temp names excluded),
+    except the metadata ``NNNNN.parquet`` beside a ``NNNNN.tar``."""
     return [
         path
         for path in final_files(out)
-        if path.suffix in SHARD_SUFFIXES and not path.name.startswith(".fp-")
+        if path.suffix in SHARD_SUFFIXES
+        and not path.name.startswith(".fp-")
+        and not (path.suffix == ".parquet" and path.with_suffix(".tar").exists())
     ]
+
+
+def metadata_files(out: Path) -> list[Path]:
+    """Each shard's metadata: the ``NNNNN.parquet`` beside a tar, or the Parquet shard itself."""
+    return [
+        path.with_suffix(".parquet") if path.suffix == ".tar" else path for path in shard_files(out)
+    ]
+
+
+def metadata_keys(out: Path) -> Counter[str]:
+    """Rows per key over every shard's metadata: samples and failures alike."""
+    import pyarrow.parquet as pq
+
+    total: Counter[str] = Counter()
+    for path in metadata_files(out):
+        total.update(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    return total
 
 
 def _tar_members(path: Path) -> dict[str, list[bytes]]:
@@ -227,12 +248,16 @@ def shard_samples(path: Path) -> dict[str, list[bytes]]:
         return _tar_members(path)
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["key", "image"])
+    table = pq.read_table(path, columns=["key", "image", "status"])
     found: dict[str, list[bytes]] = {}
-    for key, image in zip(
-        table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True
+    for key, image, status in zip(
+        table.column("key").to_pylist(),
+        table.column("image").to_pylist(),
+        table.column("status").to_pylist(),
+        strict=True,
     ):
-        found.setdefault(key, []).append(image)
+        if status == "ok":  # the shard also lists the failures of its time (image null)
+            found.setdefault(key, []).append(image["bytes"])
     return found
 
 
@@ -240,9 +265,7 @@ def shard_keys(path: Path) -> Counter[str]:
     """How many samples of each key one shard holds."""
     if path.suffix == ".tar":
         return Counter({key: len(v) for key, v in _tar_members(path).items()})
-    import pyarrow.parquet as pq
-
-    return Counter(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    return Counter({key: len(images) for key, images in shard_samples(path).items()})
 
 
 def all_shard_keys(out: Path) -> Counter[str]:
@@ -328,6 +351,15 @@ def check_after_kill(out: Path, fmt: str, *, use_cli: bool = False) -> tuple[int
         assert len(cli_manifest_rows(out)) == len(rows)
     journal = list(iter_journal(out))
     assert len(journal) == len(rows)
+    if fmt != "files":
+        # Every journaled row, failures included, is in exactly one shard's metadata (rows
+        # of a shard named just before the kill may be there unjournaled: staged, rolled
+        # forward by the next open).
+        listed = metadata_keys(out)
+        twice = {k: n for k, n in listed.items() if n > 1}
+        assert not twice, f"rows in more than one shard's metadata: {twice}"
+        missing = [r.position for r in journal if listed[key_of(r.position)] != 1]
+        assert not missing, f"journaled rows in no shard's metadata: {missing[:20]}"
     cache: dict[str, Counter[str]] = {}
     ok = 0
     for record in journal:
@@ -362,9 +394,16 @@ def check_complete(origin: Origin, out: Path, fmt: str, count: int, *, resized: 
             assert row.path in by_name, row
             _same_image(origin, row.url, by_name[row.path].read_bytes(), resized=resized)
         return
-    others = [p.name for p in files if not _SHARD_NAME.fullmatch(p.name)]
-    assert others == [], f"files besides the shards: {others}"
-    samples: dict[str, dict[str, list[bytes]]] = {p.name: shard_samples(p) for p in files}
+    others = [
+        p.name
+        for p in files
+        if not _SHARD_NAME.fullmatch(p.name) and not _COMPANION.fullmatch(p.name)
+    ]
+    assert others == [], f"files besides the shards and their companions: {others}"
+    shards = shard_files(out)
+    for shard in shards:
+        assert (out / f"{shard.stem}_stats.json").is_file(), f"{shard.name} without its stats"
+    samples: dict[str, dict[str, list[bytes]]] = {p.name: shard_samples(p) for p in shards}
     keys: Counter[str] = Counter()
     for found in samples.values():
         keys.update({key: len(v) for key, v in found.items()})

@@ -46,9 +46,10 @@ FORMATS = ["files", "webdataset", "parquet"]
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_cluster_run_equals_a_single_machine_run(client: Any, tmp_path: Path, fmt: str) -> None:
-    with Origin(latency=0.02) as origin:
-        src = mixed_input(origin, tmp_path / "urls.txt")
-        options = {"format": fmt, "shard_size": 20, "threads": 8, **LOOPBACK}
+    # The size: 5,000 rows, with repeated URLs, 404s and bad lines.
+    with Origin(latency=0.005) as origin:
+        src = mixed_input(origin, tmp_path / "urls.txt", count=5000)
+        options = {"format": fmt, "shard_size": 200, "threads": 16, **LOOPBACK}
         single = download(src, tmp_path / "single", **options)
         spread = download(src, tmp_path / "dest", cluster=client, parts=5, **options)
     assert spread.exit_code == single.exit_code == 1  # the 404s and bad lines

@@ -162,24 +162,35 @@ def test_parquet_reads_back_with_pyarrow(out: Path) -> None:
     assert records[3].path == "00001.parquet#000000003"
     assert list((out / ".fetchpool" / "tmp").iterdir()) == []
     table = pq.read_table(out / "00000.parquet")
-    assert table.column_names[:11] == [
+    assert table.column_names == [
         "key",
         "position",
         "url",
         "image",
         "ext",
+        "status",
+        "error_code",
+        "error_message",
+        "final_url",
         "width",
         "height",
         "orig_width",
         "orig_height",
+        "image_format",
+        "bytes",
         "sha256",
         "content_type",
+        "http_status",
+        "caption",
+        "score",
+        "meta_url",
     ]
     rows = table.to_pylist()
     assert [row["key"] for row in rows] == ["000000000", "000000001", "000000002"]
-    assert rows[1]["image"] == bodies[1] and rows[1]["ext"] == "jpg"
+    assert rows[1]["image"] == {"bytes": bodies[1], "path": "000000001.jpg"}
+    assert rows[1]["ext"] == "jpg" and rows[1]["status"] == "ok"
     assert rows[1]["url"] == "http://img.test/1.jpg" and rows[1]["meta_url"] == "dup"
-    assert rows[2]["caption"] == "c2" and rows[2]["score"] == "1.0"
+    assert rows[2]["caption"] == "c2" and rows[2]["score"] == 1.0  # a float stays a float
     assert rows[0]["width"] == 8 and rows[0]["orig_height"] == 60
     assert pq.read_table(out / "00001.parquet").num_rows == 1
 

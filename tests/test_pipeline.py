@@ -22,7 +22,17 @@ from fetchpool.engine.pipeline import Pipeline
 from fetchpool.events import Event, ItemFinished
 from fetchpool.models import ErrorCode, Job, Status
 
-JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 200
+
+def _tiny_jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+#: A real JPEG: WebDataset and Parquet outputs refuse a body that is not an image.
+JPEG = _tiny_jpeg()
 
 
 def fake(handler: Callable[[Job], MockResponse]) -> Callable[[Path], MockFetcher]:

@@ -189,6 +189,11 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--url-column", default="url", show_default=True, help="CSV/JSONL/Parquet column.")
 @click.option(
+    "--caption-column",
+    help="Input column saved as the caption: KEY.txt in WebDataset, NAME.txt beside each file, "
+    "a caption column in Parquet (an empty caption when a row has none).",
+)
+@click.option(
     "--shard",
     callback=lambda c, p, v: _shard(v),
     metavar="K/N",
@@ -202,7 +207,12 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     type=click.Choice(["files", "webdataset", "parquet"]),
     help="Output format.",
 )
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    help="Samples per shard (default 1000); with --format files, items per numbered "
+    "subfolder OUT/00000/, OUT/00001/... (default: one flat folder).",
+)
 @click.option("--sidecar", is_flag=True, help="Write KEY.json metadata beside each file.")
 @click.option("--resize", type=int, help="Target size in pixels.")
 @click.option(
@@ -214,9 +224,9 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.option("--resize-only-down", is_flag=True, help="Never upscale.")
 @click.option(
     "--encode",
-    default="keep",
-    show_default=True,
     type=click.Choice(["keep", "jpeg", "webp", "png"]),
+    help="Output image format [default: jpeg with --resize, else keep]. keep with --resize "
+    "keeps each image's format: datasets cannot load WebDataset shards that mix them.",
 )
 @click.option("--quality", default=90, show_default=True, help="JPEG/WebP quality.")
 @click.option("--min-size", type=int, help="Drop images whose smaller side is below this.")
@@ -244,6 +254,14 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     multiple=True,
     callback=lambda c, p, v: tuple(_header(h) for h in v),
     help="Extra request header 'Name: value' (repeatable).",
+)
+@click.option(
+    "--accept",
+    metavar="TYPES",
+    default="",
+    help="Comma-separated media types or ranges (image/*,application/pdf): a response whose "
+    "Content-Type matches none fails unwanted_content_type and nothing is saved "
+    "[default: accept everything].",
 )
 @click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (recorded).")
 @click.option(

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from fetchpool._version import __version__
@@ -33,6 +33,8 @@ def _check(condition: bool, message: str) -> None:
 #: Longest accepted timeout (a year): sockets and the kernel's timeval need finite values.
 MAX_TIMEOUT = 365 * 86400.0
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field names
+_MEDIA_TOKEN = r"[!#$%&'+\-.^_`|~0-9A-Za-z]+"  # noqa: S105 - RFC 9110 token, without "*"
+_MEDIA_RANGE = re.compile(rf"\*/\*|{_MEDIA_TOKEN}/(\*|{_MEDIA_TOKEN})")  # image/*, image/png
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # HTAB, visible ASCII, obs-text (Latin-1)
 
 
@@ -181,6 +183,9 @@ class FetchConfig:
     allow_cidrs: tuple[str, ...] = ()
     accept_encoding: str = "identity"
     headers: tuple[tuple[str, str], ...] = ()
+    #: ``--accept``: media ranges (``image/*``, ``application/pdf``); a response whose
+    #: Content-Type matches none fails ``unwanted_content_type``. Empty: everything.
+    accept: tuple[str, ...] = ()
     #: Added to the User-Agent as img2dataset does (``fetchpool/V (compatible; TOKEN)``); an
     #: ``X-Robots-Tag`` scoped to it (``TOKEN: noai``) applies to this run.
     user_agent_token: str | None = None
@@ -215,6 +220,11 @@ class FetchConfig:
         _check(self.retry_after_max >= 0, "retry_after_max must be >= 0")
         _check(1 <= self.per_host <= 4096, "per_host must be between 1 and 4096")
         _check(self.rate_per_host is None or self.rate_per_host > 0, "rate_per_host must be > 0")
+        for media_range in self.accept:
+            _check(
+                bool(_MEDIA_RANGE.fullmatch(media_range)),
+                f"--accept {media_range[:40]!r} is not a media type or range like image/*",
+            )
         for cidr in self.allow_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -253,6 +263,20 @@ class FetchConfig:
         ):
             _check_header(name, value)
 
+    def accepts(self, content_type: str | None) -> bool:
+        """Whether ``--accept`` lets a response with this Content-Type through. A missing
+        one counts as ``application/octet-stream`` (RFC 9110 8.3); parameters are ignored."""
+        if not self.accept:
+            return True
+        kind = (content_type or "").split(";", 1)[0].strip().lower()
+        kind = kind or "application/octet-stream"
+        major = kind.partition("/")[0]
+        for media_range in self.accept:
+            wanted = media_range.lower()
+            if wanted in ("*/*", kind) or wanted == f"{major}/*":
+                return True
+        return False
+
     @property
     def request_user_agent(self) -> str:
         """The User-Agent sent: ``user_agent``, then ``(compatible; TOKEN)`` when a
@@ -286,6 +310,10 @@ class ImageConfig:
     processes: int | None = None  # None: os.cpu_count()
     item_timeout: float = 60.0
     memory_limit: int | None = 2048 * MiB  # per worker address space; None disables
+    #: Check that every body is an image, from its header only (Pillow identifies it, its
+    #: size and frames are within bounds), without decoding pixels; the other options decode
+    #: in full. On for WebDataset and Parquet output (:class:`Options`).
+    identify: bool = False
 
     def __post_init__(self) -> None:
         _check(self.resize is None or 1 <= self.resize <= 65535, "resize must be 1..65535")
@@ -317,7 +345,13 @@ class ImageConfig:
             or self.verify
             or self.max_pixels < self.DEFAULT_MAX_PIXELS
             or self.max_frames < self.DEFAULT_MAX_FRAMES
+            or self.identify
         )
+
+    @property
+    def header_only(self) -> bool:
+        """The stage is on only to identify images (``identify``): headers, no decoding."""
+        return self.identify and not replace(self, identify=False).active
 
     @property
     def worker_count(self) -> int:
@@ -329,15 +363,34 @@ class OutputConfig:
     """Where and how results are written."""
 
     format: OutputFormat = "files"
-    shard_size: int = 1000
+    #: Samples per shard (default 1000); with ``files``, items per numbered subfolder
+    #: (``OUT/00000/``...; default None: one flat folder).
+    shard_size: int | None = None
     sidecar: bool = False
+    #: Input column written as the sample's caption: ``KEY.txt`` in a shard, ``NAME.txt``
+    #: beside a file, the ``caption`` column in Parquet (img2dataset's ``caption_col``).
+    caption_column: str | None = None
 
     def __post_init__(self) -> None:
         _check(
             self.format in ("files", "webdataset", "parquet"),
             "format must be files|webdataset|parquet",
         )
-        _check(self.shard_size >= 1, "shard_size must be >= 1")
+        _check(self.shard_size is None or self.shard_size >= 1, "--shard-size must be >= 1")
+        _check(
+            self.caption_column is None or bool(self.caption_column.strip()),
+            "--caption-column must name a column",
+        )
+
+    @property
+    def samples_per_shard(self) -> int:
+        """``shard_size`` for the sharded formats: 1000 unless given."""
+        return self.shard_size or 1000
+
+    @property
+    def folder_size(self) -> int | None:
+        """Items per numbered subfolder of the files output; None: flat."""
+        return self.shard_size if self.format == "files" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +410,10 @@ class Options:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.output.format != "files" and not self.image.identify:
+            # A dataset sample must be an image: a body Pillow cannot identify (an HTML error
+            # page served with 200) fails not_an_image, as with img2dataset.
+            object.__setattr__(self, "image", replace(self.image, identify=True))
         _check(self.window is None or self.window >= 1, "window must be >= 1")
         if self.shard is not None:
             k, n = self.shard
@@ -397,16 +454,21 @@ class Options:
         names = {c: {f.name for f in fields(c)} for c in groups}
         for key, given in kwargs.items():
             value = (given,) if key == "allow_cidrs" and isinstance(given, str) else given
-            if key in ("allow_cidrs", "headers", "disallowed_header_directives") and isinstance(
-                value, list
+            if key in ("allow_cidrs", "headers", "accept", "disallowed_header_directives") and (
+                isinstance(value, list)
             ):
                 value = tuple(value)
+            if key == "accept" and isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            if key == "encode" and value is None:
+                continue  # the default: see _default_encode
             owner = next((c for c in groups if key in names[c] and c is not cls), None)
             if owner is None and key in names[cls] and key not in ("fetch", "image", "output"):
                 owner = cls
             if owner is None:
                 raise ConfigError(f"unknown option {key!r}")
             groups[owner][key] = value
+        _default_encode(groups[ImageConfig])
         try:
             return cls(
                 fetch=FetchConfig(**groups[FetchConfig]),
@@ -416,3 +478,12 @@ class Options:
             )
         except TypeError as exc:
             raise ConfigError(str(exc)) from exc
+
+
+def _default_encode(image: dict[str, Any]) -> None:
+    """``--encode`` unless given: ``jpeg`` when images are resized, so every sample of a run
+    has one extension (``datasets`` refuses WebDataset shards that mix ``.jpg`` and ``.png``);
+    ``keep`` otherwise. An explicit ``keep`` still keeps each image's format."""
+    if "encode" not in image:
+        resized = image.get("resize") is not None and image.get("resize_mode") != "no"
+        image["encode"] = "jpeg" if resized else "keep"

@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     INCOMPLETE_BODY = "incomplete_body"
     BAD_CONTENT_ENCODING = "bad_content_encoding"
+    UNWANTED_CONTENT_TYPE = "unwanted_content_type"  # not in --accept
     OPTED_OUT = "opted_out"  # X-Robots-Tag noai (...) or tdm-reservation: 1
     # content / CPU stage
     NOT_AN_IMAGE = "not_an_image"

@@ -16,7 +16,9 @@ Contracts every implementation keeps:
   flushes what is still buffered and returns those records too. ``sync`` makes every
   publication so far durable; the journal calls it before each commit, so a writer may batch
   its directory fsyncs. Called from one thread, unless ``concurrent`` is True: then ``write``
-  may run in many threads at once (the pipeline then publishes in the fetch threads).
+  may run in many threads at once (the pipeline then publishes in the fetch threads). When
+  ``holds_rows`` is True, ``write`` also takes every failed or skipped record and returns it
+  with the shard that was open (each input row is then in one shard's metadata).
 * :class:`ShardLedger` is what a writer that publishes many records in one file (a shard)
   tells before and after naming it, so the shard and its records become durable together:
   the journal implements it (``stage`` commits the rows before the shard gets its name).
@@ -38,6 +40,8 @@ class Fetcher(Protocol):
 
 class Writer(Protocol):
     concurrent: bool
+    #: ``write`` also takes failed and skipped records and returns them with a shard.
+    holds_rows: bool
 
     def write(self, record: Record) -> list[Record]: ...
 

@@ -121,6 +121,7 @@ def download_on_cluster(
         format=options.input_format,
         url_column=options.url_column,
         storage_options=storage_options,
+        caption_column=options.output.caption_column,
     )
     store = Store(dest, storage_options)
     if not store.remote and (store.path / STATE_DIR / DB_NAME).exists():

@@ -153,6 +153,8 @@ class WorkerSpec:
     tmp_dir: str
     publish_to: str | None  # OUT, when the worker links finished files itself
     sidecar: bool = False
+    caption_column: str | None = None
+    folder_size: int | None = None
 
 
 def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
@@ -173,7 +175,12 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
         hand_back_redirects=True,
     )
     writer = (
-        FilesWriter(Path(spec.publish_to), sidecar=spec.sidecar)
+        FilesWriter(
+            Path(spec.publish_to),
+            sidecar=spec.sidecar,
+            caption_column=spec.caption_column,
+            folder_size=spec.folder_size,
+        )
         if spec.publish_to is not None
         else None
     )

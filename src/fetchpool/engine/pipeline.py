@@ -271,7 +271,12 @@ class Pipeline:
         from fetchpool.inputs import check_input, read_input
 
         # A missing file, an unknown format or no URL column: refused before OUT is touched.
-        check_input(source, format=self.options.input_format, url_column=self.options.url_column)
+        check_input(
+            source,
+            format=self.options.input_format,
+            url_column=self.options.url_column,
+            caption_column=self.options.output.caption_column,
+        )
         if (self.out / ".fetchpool" / "plan.json").is_file():
             raise ConfigError(
                 f"{self.out} holds a cluster run (its parts are in {self.out}/part-*): "
@@ -340,6 +345,9 @@ class Pipeline:
         fetch = self.options.fetch
         self._scheduler: HostScheduler[_Open] = HostScheduler(fetch.per_host, fetch.rate_per_host)
         self._writer = self._make_writer()
+        # A sharded writer keeps failed and skipped rows with its open shard (its metadata):
+        # they are journaled when it is published, like its samples.
+        self._holds_rows = self._writer.holds_rows
         self._journal.before_commit = self._writer.sync
         self._images = self._make_image_stage()
         # Files are published by the fetch thread that downloaded them when nothing else has
@@ -526,6 +534,8 @@ class Pipeline:
                 str(tmp),
                 publish_to=str(self.out) if self._publish_in_fetch else None,
                 sidecar=self.options.output.sidecar,
+                caption_column=self.options.output.caption_column,
+                folder_size=self.options.output.folder_size,
             )
             return ProcessFetchPool(spec, fetch.fetch_processes, self._fetched)
         fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
@@ -642,11 +652,18 @@ class Pipeline:
             self._fatal(record.fail(ErrorCode.DISK_FULL, str(exc)), str(exc))
             return
         except OutputError as exc:
-            durable = [record.fail(ErrorCode.IO_ERROR, str(exc))]
+            if record.path is not None:
+                # Its shard got its name before the error: its staged row stands, and the
+                # journal's next open settles it (journaling a failure here would contradict
+                # the shard).
+                self._drop(record)
+                return
+            self._finish_open(record.fail(ErrorCode.IO_ERROR, str(exc)))
+            return
         if record not in durable:
             self._park(record)
         for done in durable:
-            self._finish_open(done)
+            self._finish_open(done, durable=True)
 
     def _park(self, record: Record) -> None:
         """The writer holds this item until its shard is closed: it leaves the window now.
@@ -663,10 +680,16 @@ class Pipeline:
             self._finish(_duplicate(waiter, entry.job, Status.OK))
         entry.waiters.clear()
 
-    def _finish_open(self, record: Record) -> None:
-        entry = self._open.pop(record.url, None)
+    def _finish_open(self, record: Record, *, durable: bool = False) -> None:
+        """``record`` is final for its open item (``durable``: the writer just published it,
+        with its shard)."""
+        entry = self._open.get(record.url)
+        if entry is not None and entry.job.position == record.position:
+            del self._open[record.url]
+        else:  # a failure held with a shard: its item left the window when it failed
+            entry = None
         record.temp_path = None
-        self._finish(record)
+        self._finish(record, durable=durable)
         if entry is None or entry.parked:
             return
         self._open_items -= 1
@@ -674,7 +697,12 @@ class Pipeline:
             self._open_items -= 1
             self._finish(_duplicate(waiter, entry.job, record.status, record.path))
 
-    def _finish(self, record: Record) -> None:
+    def _finish(self, record: Record, *, durable: bool = False) -> None:
+        """Journal a final record, or hand it to a writer that holds rows with its open shard
+        (then it is journaled, with the shard, when the writer publishes it)."""
+        if self._holds_rows and not durable:
+            self._hold(record)
+            return
         try:
             self._journal.put(record)
         except DiskFullError as exc:
@@ -683,6 +711,20 @@ class Pipeline:
             self._stop_run("disk_full", str(exc))
         self._report.add(record)
         self._observers.on_event(ItemFinished(record))
+
+    def _hold(self, record: Record) -> None:
+        try:
+            published = self._writer.write(record)
+        except DiskFullError as exc:
+            self._stop_run("disk_full", str(exc))
+            self._report.unfinished += 1
+            return
+        except OutputError as exc:  # the shard it would have closed is lost
+            self._stop_run("output_error", str(exc))
+            self._report.unfinished += 1
+            return
+        for done in published:
+            self._finish_open(done, durable=True)
 
     def _stop_run(self, kind: str, reason: str) -> None:
         """A run-level failure: remember the first one and stop (exit code 2)."""
@@ -760,7 +802,7 @@ class Pipeline:
                 self._drain_events()
             try:
                 for record in self._writer.close():
-                    self._finish_open(record)
+                    self._finish_open(record, durable=True)
             except DiskFullError as exc:
                 self._stop_run("disk_full", str(exc))
             except OutputError as exc:  # the last shard is lost; its items are unfinished

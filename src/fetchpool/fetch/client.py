@@ -352,6 +352,14 @@ class HttpFetcher:
             self._refuse_status(response, record, attempt)
         if self._disallowed:
             self._check_opt_out(response, attempt)
+        if not self._config.accepts(record.content_type):  # --accept: decided from the head
+            response.close()  # the body may be large and is not wanted: no reuse
+            shown = record.content_type or "none"
+            raise FetchError(
+                ErrorCode.UNWANTED_CONTENT_TYPE,
+                f"Content-Type {shown} is not in --accept {','.join(self._config.accept)}",
+                http_status=response.status,
+            )
         try:
             length = self._declared_length(response)
             decoder = decoder_for(response.headers.get("content-encoding"), record.content_type)

@@ -351,18 +351,26 @@ def _guess(column: str, columns: list[str]) -> str | None:
 
 
 def _no_column(
-    name: str, column: str, columns: list[str], where: str, *, header: bool = False
+    name: str,
+    column: str,
+    columns: list[str],
+    where: str,
+    *,
+    header: bool = False,
+    role: str = "url",
 ) -> str:
+    """``role`` is which column is missing: ``url`` (``--url-column``) or ``caption``."""
     shown = ", ".join(_show(c) for c in columns[:_SHOWN_COLUMNS]) or "none"
     if len(columns) > _SHOWN_COLUMNS:
         shown += f", ... ({len(columns)} in all)"
+    what = "URL" if role == "url" else role
     message = (
         f"{name}: {where} has no column {column!r} (columns: {shown}); "
-        "choose the URL column with --url-column (url_column= in Python)"
+        f"choose the {what} column with --{role}-column ({role}_column= in Python)"
     )
     guess = _guess(column, columns)
     if guess is not None:
-        message += f"; perhaps --url-column {shlex.quote(guess)} (url_column={guess!r})"
+        message += f"; perhaps --{role}-column {shlex.quote(guess)} ({role}_column={guess!r})"
     elif header and any(c.startswith(("http://", "https://")) for c in columns):
         message += (
             "; that line looks like data: add a header row, "
@@ -665,11 +673,12 @@ def _open_parquet(spec: _Spec) -> Any:
         raise InputError(f"{path}: not a readable parquet file: {exc}") from None
 
 
-def _parquet_columns(spec: _Spec, url_column: str) -> None:
+def _parquet_columns(spec: _Spec, url_column: str, caption_column: str | None = None) -> None:
     with _open_parquet(spec) as pf:
         columns = list(pf.schema_arrow.names)
     if url_column not in columns:
         raise InputError(_no_column(spec.name, url_column, columns, "the schema"))
+    _check_caption(spec, caption_column, columns, "the schema")
 
 
 def _rows_parquet(spec: _Spec, url_column: str) -> Iterator[_Row]:
@@ -696,7 +705,15 @@ def _rows_iterable(items: Iterable[Any], url_column: str) -> Iterator[_Row]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_start(stream: _Lines, spec: _Spec, url_column: str) -> None:
+def _check_caption(spec: _Spec, caption: str | None, columns: list[str], where: str) -> None:
+    """The caption column (``--caption-column``) must be in the input's columns too."""
+    if caption is not None and caption not in columns:
+        raise InputError(_no_column(spec.name, caption, columns, where, role="caption"))
+
+
+def _check_start(
+    stream: _Lines, spec: _Spec, url_column: str, caption_column: str | None = None
+) -> None:
     """Read the start of a text input (at most about 2 * MAX_LINE_BYTES) and raise
     InputError if it cannot be this format's input; the readers check the rest as they go."""
     lines = _physical_lines(stream, spec.name, skip_rest=False)
@@ -716,15 +733,21 @@ def _check_start(stream: _Lines, spec: _Spec, url_column: str) -> None:
     if spec.format in ("csv", "tsv"):
         delimiter = "\t" if spec.format == "tsv" else ","
         first = iter([(number, data, truncated)])
-        _read_header(_Parser(_chain(first, lines), delimiter), spec.name, url_column)
+        parser = _Parser(_chain(first, lines), delimiter)
+        header = _read_header(parser, spec.name, url_column)
+        if header is not None:
+            where = f"the header (line {parser.feed.start})"
+            _check_caption(spec, caption_column, header, where)
     elif spec.format == "jsonl" and not truncated:
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):
             return  # a bad first line is that item's problem
-        if isinstance(obj, dict) and url_column not in obj:
+        if isinstance(obj, dict):
             where = f"the first object (line {number})"
-            raise InputError(_no_column(spec.name, url_column, list(obj), where))
+            if url_column not in obj:
+                raise InputError(_no_column(spec.name, url_column, list(obj), where))
+            _check_caption(spec, caption_column, list(obj), where)
 
 
 def _chain(*parts: Iterator[tuple[int, bytes, bool]]) -> Iterator[tuple[int, bytes, bool]]:
@@ -738,6 +761,7 @@ def check_input(
     format: str | None = None,
     url_column: str = "url",
     storage_options: Mapping[str, Any] | None = None,
+    caption_column: str | None = None,
 ) -> None:
     """Raise :class:`InputError` now if ``source`` cannot be read as an input at all.
 
@@ -748,11 +772,17 @@ def check_input(
     in the input are found as it streams. For stdin (``"-"``), what it reads is kept and
     handed to the next reader of stdin, so nothing is lost. An iterable is not checked (that
     would consume it). ``source`` may be an fsspec URL (``s3://bucket/urls.parquet``),
-    opened with ``storage_options``.
+    opened with ``storage_options``. ``caption_column``, when given, must be a column too
+    (a text list has no columns: it is refused).
     """
     if not isinstance(source, str | os.PathLike):
         return
     spec = _resolve(source, format, storage_options)
+    if caption_column is not None and spec.format == "txt":
+        raise InputError(
+            f"{spec.name}: a text list has no columns, so no caption column {caption_column!r}; "
+            "--caption-column (caption_column= in Python) needs a csv, tsv, jsonl or parquet input"
+        )
     if spec.stdin:
         if spec.format == "parquet":
             raise InputError(
@@ -760,16 +790,16 @@ def check_input(
             )
         replay = _stdin().record()
         try:
-            _check_start(replay, spec, url_column)
+            _check_start(replay, spec, url_column, caption_column)
         finally:
             replay.rewind()
         return
     _check_file(spec)
     if spec.format == "parquet":
-        _parquet_columns(spec, url_column)
+        _parquet_columns(spec, url_column, caption_column)
         return
     with _open_binary(spec) as stream:
-        _check_start(stream, spec, url_column)
+        _check_start(stream, spec, url_column, caption_column)
 
 
 # --------------------------------------------------------------------------- public API

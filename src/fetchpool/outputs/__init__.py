@@ -23,11 +23,26 @@ def make_writer(out: Path, config: OutputConfig, *, ledger: ShardLedger | None =
     if config.format == "webdataset":
         from fetchpool.outputs.webdataset import WebDatasetWriter
 
-        return WebDatasetWriter(out, shard_size=config.shard_size, ledger=ledger)
+        return WebDatasetWriter(
+            out,
+            shard_size=config.samples_per_shard,
+            ledger=ledger,
+            caption_column=config.caption_column,
+        )
     if config.format == "parquet":
         from fetchpool.outputs.parquet import ParquetWriter
 
-        return ParquetWriter(out, shard_size=config.shard_size, ledger=ledger)
+        return ParquetWriter(
+            out,
+            shard_size=config.samples_per_shard,
+            ledger=ledger,
+            caption_column=config.caption_column,
+        )
     from fetchpool.outputs.files import FilesWriter
 
-    return FilesWriter(out, sidecar=config.sidecar)
+    return FilesWriter(
+        out,
+        sidecar=config.sidecar,
+        caption_column=config.caption_column,
+        folder_size=config.folder_size,
+    )

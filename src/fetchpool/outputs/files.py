@@ -4,6 +4,13 @@ Publishing never replaces anything (``fsutil.publish`` links, it does not rename
 name already taken is either our own identical file from an earlier run whose journal row
 was lost (adopted), or something else, in which case ``NAME-2.ext``, ``NAME-3.ext``... are
 tried. A symlink planted at a final name is neither followed nor replaced.
+
+With ``folder_size`` (``--shard-size`` with ``--format files``), item ``position`` goes into
+the numbered subfolder ``OUT/{position // folder_size:05d}/``, as img2dataset's files output
+does: a subfolder holds the items of ``folder_size`` consecutive input rows (fewer files when
+some fail), and a re-run puts an item where the first run did. ``record.path`` then names the
+subfolder (``00003/cat-3f2a9c01d4e7.jpg``). Sidecars (``NAME.json``) and captions
+(``NAME.txt``, with ``caption_column``) are written beside each file, atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,7 @@ from fetchpool import fsutil
 from fetchpool.errors import DiskFullError, OutputError
 from fetchpool.models import ErrorCode, Record
 from fetchpool.outputs.naming import file_name, with_counter
+from fetchpool.outputs.table import caption_text
 from fetchpool.redact import redact_url
 from fetchpool.state import schema
 from fetchpool.state.paths import tmp_dir
@@ -68,18 +77,38 @@ class FilesWriter:
     """
 
     concurrent = True
+    #: Failed and skipped records are journaled at once (no shard to hold them).
+    holds_rows = False
 
-    def __init__(self, out: Path, *, sidecar: bool = False) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        sidecar: bool = False,
+        caption_column: str | None = None,
+        folder_size: int | None = None,
+    ) -> None:
         self.out = Path(out)
         self.sidecar = sidecar
+        self.caption_column = caption_column
+        self.folder_size = folder_size
         self._tmp = tmp_dir(self.out)
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()  # subfolders with names not yet fsynced
 
     def sync(self) -> None:
-        """fsync OUT, so every name published so far survives a crash.
+        """fsync the subfolders written to, then OUT, so every name published so far
+        survives a crash.
 
-        Unconditional: files may also have been published by fetch worker processes, which
-        this object cannot see, and an fsync of an unchanged folder costs next to nothing.
+        OUT unconditionally: files may also have been published by fetch worker processes,
+        which this object cannot see, and an fsync of an unchanged folder costs next to
+        nothing. Their subfolders are known because the run loop passes every published
+        record through :meth:`write` before journaling it.
         """
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for folder in sorted(dirty):
+            fsutil.fsync_dir(self.out / folder)
         fsutil.fsync_dir(self.out)
 
     def write(self, record: Record) -> list[Record]:
@@ -90,10 +119,12 @@ class FilesWriter:
         """
         temp = record.temp_path
         if temp is None:
+            self._mark(record.path)  # published by a fetch worker process
             return [record]
         try:
+            folder = self._folder(record.position)
             name = self._publish(
-                temp, file_name(record.url, record.extension), synced=record.temp_synced
+                temp, file_name(record.url, record.extension), folder, synced=record.temp_synced
             )
             if name is not None:
                 record.temp_path = None  # linked to its name, or adopted and discarded
@@ -103,9 +134,13 @@ class FilesWriter:
                     f"no free file name after {MAX_VARIANTS} tries for {redact_url(record.url)}",
                 )
             else:
-                record.path = name
+                record.path = f"{folder}/{name}" if folder else name
+                self._mark(record.path)
                 if self.sidecar:
-                    self._write_sidecar(record, name)
+                    self._write_beside(record.path, ".json", _sidecar_bytes(record))
+                if self.caption_column is not None:
+                    caption = caption_text(record, self.caption_column).encode()
+                    self._write_beside(record.path, ".txt", caption)
         except OSError as exc:
             self._fail(record, fsutil.translate_os_error(exc, "cannot publish a file"))
         except DiskFullError:
@@ -130,13 +165,37 @@ class FilesWriter:
         record.path = None
         record.fail(ErrorCode.IO_ERROR, str(exc))
 
-    def _publish(self, temp: str, name: str, *, synced: bool = False) -> str | None:
+    def _folder(self, position: int) -> str:
+        """The item's subfolder (made if needed; never a symlink), or "" without folders."""
+        if self.folder_size is None:
+            return ""
+        folder = f"{position // self.folder_size:05d}"
+        path = self.out / folder
+        try:
+            path.mkdir(exist_ok=True)
+            info = path.lstat()
+        except OSError as exc:
+            raise fsutil.translate_os_error(exc, f"cannot create {path}") from exc
+        if not stat.S_ISDIR(info.st_mode):
+            raise OutputError(f"{path} exists and is not a folder (a symlink or a file?)")
+        return folder
+
+    def _mark(self, path: str | None) -> None:
+        folder = path.rpartition("/")[0] if path else ""
+        if folder:
+            with self._lock:
+                self._dirty.add(folder)
+
+    def _publish(
+        self, temp: str, name: str, folder: str = "", *, synced: bool = False
+    ) -> str | None:
         """Give ``temp`` the first free (or identical) variant of ``name``; return it."""
         if not synced:
             fsutil.sync_file(temp)  # its bytes are on disk before it has a final name
+        where = self.out / folder if folder else self.out
         for counter in range(1, MAX_VARIANTS + 1):
             candidate = name if counter == 1 else with_counter(name, counter)
-            final = str(self.out / candidate)
+            final = str(where / candidate)
             if fsutil.publish(temp, final, sync_dir=False):
                 return candidate
             if _same_file(final, temp):
@@ -145,18 +204,19 @@ class FilesWriter:
                 return candidate
         return None
 
-    def _write_sidecar(self, record: Record, name: str) -> None:
-        """Write ``KEY.json`` (record fields + meta, URLs redacted) next to the file."""
-        key = name.rpartition(".")[0] or name
+    def _write_beside(self, path: str, suffix: str, data: bytes) -> None:
+        """Write ``KEY<suffix>`` next to the file at ``path`` (relative to OUT), atomically:
+        ``KEY.json`` (the sidecar) or ``KEY.txt`` (the caption)."""
+        key = path.rpartition(".")[0] or path
         self._tmp.mkdir(parents=False, exist_ok=True)
-        handle, temp = fsutil.create_temp(self._tmp, suffix=".json")
+        handle, temp = fsutil.create_temp(self._tmp, suffix=suffix)
         try:
             try:
-                handle.write(_sidecar_bytes(record))
+                handle.write(data)
             finally:
                 fsutil.finish_temp(handle)
-            # An existing sidecar (from the run that first published this file) is kept.
-            fsutil.publish(temp, str(self.out / f"{key}.json"), sync_dir=False)
+            # An existing one (from the run that first published this file) is kept.
+            fsutil.publish(temp, str(self.out / f"{key}{suffix}"), sync_dir=False)
         finally:
             fsutil.discard(temp)
 

@@ -1,25 +1,44 @@
 """WebDataset output: samples in numbered tar shards ``OUT/00000.tar``, ``00001.tar``, ...
 
-Each sample is two members sharing a key (the zero-padded input position, unique and
-sortable): ``000000042.jpg`` (the image bytes) and ``000000042.json`` (url, position, image
-facts and the input's other columns). Shards are plain POSIX tar written with :mod:`tarfile`,
-with fixed owner, mode and mtime so the same samples give the same bytes; any WebDataset
-reader (or ``tar``) reads them. A record's ``path`` is ``"00003.tar#000000042"``.
+Each sample is members sharing a key (the zero-padded input position, unique and sortable,
+without a dot: WebDataset readers split a member's name at the first dot of its base name):
+``000000042.jpg`` (the image bytes), ``000000042.txt`` (the caption, with
+``--caption-column``; empty when the row has none, as img2dataset writes it) and
+``000000042.json`` (url, position, image facts and the input's other columns, with their JSON
+types). Shards are plain POSIX tar written with :mod:`tarfile`, with fixed owner, mode and
+mtime so the same samples give the same bytes; any WebDataset reader (or ``tar``) reads them.
+A record's ``path`` is ``"00003.tar#000000042"``.
+
+Beside ``00003.tar``: ``00003_stats.json`` and, when pyarrow is installed, ``00003.parquet``,
+the shard's metadata: one row per input item finished while the shard was open, failures
+included (``status``, ``error_code``, ``error_message``), as img2dataset writes it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from fetchpool import fsutil
+from fetchpool.errors import ConfigError
 from fetchpool.models import Record
-from fetchpool.outputs._shards import ShardedWriter, meta_value, sample_extension, sample_key
+from fetchpool.outputs._shards import Fill, ShardedWriter
+from fetchpool.outputs.table import (
+    SAMPLE_FIELDS,
+    TablePlan,
+    caption_text,
+    meta_value,
+    sample_extension,
+    sample_key,
+)
 from fetchpool.stages import ShardLedger
+
+log = logging.getLogger("fetchpool")
 
 #: Member mtime: fixed, so a shard's bytes depend only on its samples.
 _MTIME = 0
@@ -35,10 +54,20 @@ class WebDatasetWriter(ShardedWriter):
     suffix = ".tar"
 
     def __init__(
-        self, out: Path, *, shard_size: int = 1000, ledger: ShardLedger | None = None
+        self,
+        out: Path,
+        *,
+        shard_size: int = 1000,
+        ledger: ShardLedger | None = None,
+        caption_column: str | None = None,
     ) -> None:
-        super().__init__(out, shard_size=shard_size, ledger=ledger)
+        super().__init__(out, shard_size=shard_size, ledger=ledger, caption_column=caption_column)
         self._tar: tarfile.TarFile | None = None
+        try:
+            self._plan: TablePlan | None = TablePlan(out, image=False, caption=caption_column)
+        except ConfigError:
+            log.info("pyarrow is not installed: no NNNNN.parquet metadata beside the shards")
+            self._plan = None
 
     def _start(self, handle: BinaryIO) -> None:
         # Closed by _seal (or dropped with its temp file by _aborted).
@@ -52,6 +81,9 @@ class WebDatasetWriter(ShardedWriter):
         with open(record.temp_path, "rb") as body:
             size = os.fstat(body.fileno()).st_size
             self._tar.addfile(_member(f"{key}.{sample_extension(record)}", size), body)
+        if self.caption_column is not None:
+            caption = caption_text(record, self.caption_column).encode()
+            self._tar.addfile(_member(f"{key}.txt", len(caption)), io.BytesIO(caption))
         data = json.dumps(sample_meta(record), ensure_ascii=False, sort_keys=True).encode()
         self._tar.addfile(_member(f"{key}.json", len(data)), io.BytesIO(data))
         fsutil.discard(record.temp_path)  # its bytes are in the shard now
@@ -65,25 +97,26 @@ class WebDatasetWriter(ShardedWriter):
     def _aborted(self, records: list[Record]) -> None:
         self._tar = None
 
+    def _companions(self, rows: list[Record], started: float) -> dict[str, Fill]:
+        companions = super()._companions(rows, started)
+        plan = self._plan
+        if plan is not None:
+            table = plan.table(rows, lambda record: None)
+            companions[".parquet"] = lambda handle: _write_parquet(plan, table, handle)
+        return companions
+
+
+def _write_parquet(plan: TablePlan, table: Any, handle: BinaryIO) -> None:
+    _, pq = plan.modules
+    with pq.ParquetWriter(handle, plan.schema, compression="zstd") as writer:
+        writer.write_table(table)
+
 
 def sample_meta(record: Record) -> dict[str, Any]:
     """The ``.json`` member: the input's other columns, then our facts (ours win on a clash)."""
     meta: dict[str, Any] = {name: _jsonable(value) for name, value in record.meta.items()}
-    meta.update(
-        key=sample_key(record),
-        position=record.position,
-        url=record.url,
-        final_url=record.final_url,
-        width=record.width,
-        height=record.height,
-        orig_width=record.orig_width,
-        orig_height=record.orig_height,
-        image_format=record.image_format,
-        bytes=record.bytes,
-        sha256=record.sha256,
-        content_type=record.content_type,
-        http_status=record.http_status,
-    )
+    meta.update(key=sample_key(record), position=record.position)
+    meta.update((name, getattr(record, name)) for name, _ in SAMPLE_FIELDS)
     return meta
 
 

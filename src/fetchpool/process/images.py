@@ -220,6 +220,8 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
         source_mode = img.mode
         with _reading(fmt):
             frames = _check_header(img, config)
+            if config.header_only:  # identified, bounds checked: kept as it is, undecoded
+                return _kept(src, fmt, *img.size)
             orientation = _header_orientation(img, fmt)
             width, height = _upright_size(img.size, orientation)
             target = _target_size(width, height, config)

@@ -38,6 +38,11 @@ HINTS: dict[str, str] = {
     "too_large": "the body was larger than --max-bytes",
     "image_too_large": "the image has more pixels (or frames) than --max-pixels allows",
     "image_too_small": "the image is smaller than --min-size",
+    "unwanted_content_type": "the response's Content-Type is not one --accept lets through",
+    "not_an_image": (
+        "the body is not an image Pillow can read (often an HTML page served with 200); "
+        "dataset formats never store it as a sample"
+    ),
     "connect_timeout": "no connection within --connect-timeout",
     "read_timeout": "the server went silent for longer than --read-timeout",
     "total_timeout": (

@@ -32,7 +32,14 @@ from fetchpool._version import __version__
 from fetchpool.errors import DiskFullError, LockedError, OutputError, StateError
 from fetchpool.models import Record, Status
 from fetchpool.state import schema
-from fetchpool.state.paths import PLAN_NAME, db_path, lock_path, state_dir, tmp_dir
+from fetchpool.state.paths import (
+    PLAN_NAME,
+    db_path,
+    lock_path,
+    shard_companions,
+    state_dir,
+    tmp_dir,
+)
 from fetchpool.storage import Store, is_remote
 
 log = logging.getLogger("fetchpool")
@@ -41,6 +48,8 @@ BATCH_ROWS = 500
 BATCH_SECONDS = 1.0
 _URL = schema.NAMES.index("url")
 _STATUS = schema.NAMES.index("status")
+_ERROR_CODE = schema.NAMES.index("error_code")
+_POSITION = schema.NAMES.index("position")
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -277,8 +286,9 @@ class Journal:
         #: Called before every commit: the writer makes its publications durable first, so a
         #: committed "ok" row always names a file that survives a crash.
         self.before_commit: Callable[[], None] | None = None
-        #: Positions whose rows are staged with a shard (:meth:`stage`) and not yet put.
-        self._staged: set[int] = set()
+        #: Positions whose rows are staged with a shard (:meth:`stage`) and not yet put, with
+        #: the (status, error code) staged: a put of the same outcome retires the staged copy.
+        self._staged: dict[int, tuple[Any, Any]] = {}
 
     @classmethod
     def open(
@@ -463,7 +473,8 @@ class Journal:
             if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
                 raise DiskFullError(f"cannot write the journal: {exc}") from exc
             raise StateError(f"cannot write the journal: {exc}") from exc
-        self._staged.update(record.position for record in records)
+        for row in rows:
+            self._staged[row[2 + _POSITION]] = (row[2 + _STATUS], row[2 + _ERROR_CODE])
 
     def unstage(self, shard: str) -> None:
         """Forget the staged rows of a shard that was not published after all."""
@@ -474,7 +485,8 @@ class Journal:
                     "SELECT position FROM staged WHERE shard = ?", (shard,)
                 ).fetchall()
                 self._conn.execute("DELETE FROM staged WHERE shard = ?", (shard,))
-            self._staged.difference_update(row[0] for row in rows)
+            for row in rows:
+                self._staged.pop(row[0], None)
         except sqlite3.Error as exc:  # settled at the next open: the shard has no name
             log.warning("cannot unstage shard %s: %s", shard, exc)
 
@@ -484,11 +496,15 @@ class Journal:
             self._last_commit = time.monotonic()
             return
         rows = list(self._pending.values())
-        # A staged row's copy goes once its row is in ``records`` as ok; a staged item that
-        # ends otherwise (its shard failed after it had its name) keeps its staged copy, for
-        # the next open to settle against the shard on disk.
+        # A staged row's copy goes once its row is in ``records`` with the staged outcome; a
+        # staged item that ends otherwise (its shard failed after it had its name) keeps its
+        # staged copy, for the next open to settle against the shard on disk.
         staged = (
-            [p for p, row in self._pending.items() if p in self._staged and row[_STATUS] == "ok"]
+            [
+                p
+                for p, row in self._pending.items()
+                if self._staged.get(p) == (row[_STATUS], row[_ERROR_CODE])
+            ]
             if self._staged
             else []
         )
@@ -514,7 +530,8 @@ class Journal:
             raise StateError(f"cannot write the journal: {exc}") from exc
         self._pending.clear()
         self._pending_ok_urls.clear()
-        self._staged.difference_update(staged)
+        for position in staged:
+            del self._staged[position]
         self._last_commit = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -596,6 +613,9 @@ def _settle_staged(conn: sqlite3.Connection, out: Path) -> None:
                 published = stat.S_ISREG(info.st_mode) and info.st_size == size
             except OSError:
                 published = False
+            if not published:  # its companions were linked first: they go with it
+                for companion in shard_companions(shard):
+                    _remove_own_file(out / companion)
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 if published:
@@ -606,6 +626,17 @@ def _settle_staged(conn: sqlite3.Connection, out: Path) -> None:
         if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
             raise DiskFullError(f"cannot write the journal: {exc}") from exc
         raise StateError(f"cannot settle the staged shards of the journal: {exc}") from exc
+
+
+def _remove_own_file(path: Path) -> None:
+    """Remove a regular file we published (never a folder, never following a symlink)."""
+    try:
+        if stat.S_ISREG(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot remove {path}: {exc.strerror or exc}") from exc
 
 
 def _start_run(

@@ -55,3 +55,13 @@ def part_records_name(index: int) -> str:
     """``.fetchpool/parts/part-00007.records.jsonl.gz``: part 7's records, published with
     its outputs when the part ran on scratch (object storage): its journal stays behind."""
     return f"{PARTS_NAME}/{part_name(index)}.records.jsonl.gz"
+
+
+def shard_companions(shard: str) -> list[str]:
+    """Files published with a shard, before it: ``00003_stats.json`` and, beside a tar,
+    ``00003.parquet`` (its metadata). A shard a crash left without its name loses them too."""
+    stem, _, suffix = shard.rpartition(".")
+    names = [f"{stem}_stats.json"]
+    if suffix == "tar":
+        names.append(f"{stem}.parquet")
+    return names
