@@ -23,6 +23,9 @@ MiB = 1024 * 1024
 ResizeMode = Literal["no", "keep-ratio", "center-crop", "pad"]
 Encode = Literal["keep", "jpeg", "webp", "png"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
+HashName = Literal["md5", "sha256", "sha512"]
+#: Digests ``--hash`` and ``--verify-hash-type`` offer (img2dataset's ``compute_hash`` set).
+HASHES: tuple[HashName, ...] = ("md5", "sha256", "sha512")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -202,6 +205,14 @@ class FetchConfig:
     #: travels with the config to fetch processes and cluster workers, which may not have
     #: the file. Set by the config itself.
     ca_pem: tuple[str, str] | None = field(default=None, repr=False)
+    #: A digest of the downloaded bytes to keep beside ``fetched_sha256`` (always computed):
+    #: ``md5`` or ``sha512`` fill the record's column of that name; ``sha256`` adds nothing.
+    hash: HashName | None = None
+    #: The input column holding each row's expected digest: a body whose digest differs
+    #: fails ``hash_mismatch`` and is not saved.
+    verify_hash_column: str | None = None
+    #: The algorithm of that column; default: ``hash``, else sha256.
+    verify_hash_type: HashName | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -246,6 +257,17 @@ class FetchConfig:
             "disallowed_header_directives",
             parse_directives(self.disallowed_header_directives),
         )
+        self._check_trust()
+        self._check_hashes()
+        for name, value in (
+            ("User-Agent", self.request_user_agent),
+            ("Accept-Encoding", self.accept_encoding),
+            *self.headers,
+        ):
+            _check_header(name, value)
+
+    def _check_trust(self) -> None:
+        """Read and check ``ca_certificate`` (kept in ``ca_pem``) and ``ca_directory``."""
         if self.ca_certificate is not None:
             path = os.fspath(self.ca_certificate)
             object.__setattr__(self, "ca_certificate", path)
@@ -256,12 +278,38 @@ class FetchConfig:
         if self.ca_directory is not None:
             object.__setattr__(self, "ca_directory", os.fspath(self.ca_directory))
             check_ca_directory(self.ca_directory)
-        for name, value in (
-            ("User-Agent", self.request_user_agent),
-            ("Accept-Encoding", self.accept_encoding),
-            *self.headers,
-        ):
-            _check_header(name, value)
+
+    def _check_hashes(self) -> None:
+        """Check ``hash`` and the ``verify_hash_*`` pair; default the verify type."""
+        for name in ("hash", "verify_hash_type"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = value.strip().lower()
+                object.__setattr__(self, name, value)
+            _check(
+                value is None or value in HASHES,
+                f"--{name.replace('_', '-')} {value!r}: choose md5, sha256 or sha512",
+            )
+        column = self.verify_hash_column
+        if column is not None:
+            _check(
+                isinstance(column, str) and bool(column.strip()),
+                "--verify-hash-column needs a column name",
+            )
+            if self.verify_hash_type is None:
+                object.__setattr__(self, "verify_hash_type", self.hash or "sha256")
+        else:
+            _check(
+                self.verify_hash_type is None,
+                "--verify-hash-type goes with --verify-hash-column (the input column that "
+                "holds the expected digests)",
+            )
+
+    @property
+    def digests(self) -> tuple[HashName, ...]:
+        """The digests computed while a body streams, besides sha256 (always computed)."""
+        wanted = {self.hash, self.verify_hash_type}
+        return tuple(name for name in HASHES if name in wanted and name != "sha256")
 
     def accepts(self, content_type: str | None) -> bool:
         """Whether ``--accept`` lets a response with this Content-Type through. A missing
@@ -415,9 +463,23 @@ class Options:
             # page served with 200) fails not_an_image, as with img2dataset.
             object.__setattr__(self, "image", replace(self.image, identify=True))
         _check(self.window is None or self.window >= 1, "window must be >= 1")
+        _check(
+            self.fetch.verify_hash_column != self.url_column,
+            f"--verify-hash-column {self.url_column!r} is the URL column (--url-column)",
+        )
         if self.shard is not None:
             k, n = self.shard
             _check(n >= 1 and 0 <= k < n, "shard must be K/N with 0 <= K < N")
+
+    @property
+    def required_columns(self) -> dict[str, str]:
+        """Input columns that options name besides the URL's and caption's, by role
+        (``verify-hash`` for ``--verify-hash-column``): the input is refused before any
+        download without them."""
+        column = self.fetch.verify_hash_column
+        if column is None:
+            return {}
+        return {"verify-hash": column}
 
     def recorded(self) -> dict[str, Any]:
         """The run's settings as the journal keeps them (``runs.settings``, JSON): every stage

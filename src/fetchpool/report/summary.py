@@ -51,6 +51,11 @@ HINTS: dict[str, str] = {
     ),
     "too_slow": "the transfer stayed below the minimum speed",
     "too_many_redirects": "more redirects than --max-redirects",
+    "hash_mismatch": (
+        "the downloaded bytes differ from the digest in --verify-hash-column: the file "
+        "changed since the list was made (often re-encoded by the site), or the column holds "
+        "another algorithm (--verify-hash-type)"
+    ),
     "opted_out": (
         "the server's X-Robots-Tag (noai, noimageai, ...) or tdm-reservation header reserves "
         "these files, so they were not saved; --disallowed-header-directives sets which "
