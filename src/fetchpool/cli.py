@@ -194,6 +194,24 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     "a caption column in Parquet (an empty caption when a row has none).",
 )
 @click.option(
+    "--hash",
+    type=click.Choice(["md5", "sha256", "sha512"], case_sensitive=False),
+    help="Also keep this digest of the downloaded bytes (as fetched, before any resizing) in "
+    "a column of its name (md5, sha512; sha256 is always kept as fetched_sha256), in the "
+    "manifest, sidecars, WebDataset .json and Parquet.",
+)
+@click.option(
+    "--verify-hash-column",
+    metavar="COLUMN",
+    help="Input column with each row's expected digest (hex or base64): a download whose "
+    "digest differs fails hash_mismatch and is not saved; a row without one fails bad_input.",
+)
+@click.option(
+    "--verify-hash-type",
+    type=click.Choice(["md5", "sha256", "sha512"], case_sensitive=False),
+    help="Algorithm of --verify-hash-column (default: --hash, else sha256).",
+)
+@click.option(
     "--shard",
     callback=lambda c, p, v: _shard(v),
     metavar="K/N",
@@ -264,6 +282,17 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
     "[default: accept everything].",
 )
 @click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (recorded).")
+@click.option(
+    "--ca-certificate",
+    metavar="FILE",
+    help="Also trust the CA certificates of this PEM bundle (a private CA), besides the "
+    "system store, as wget's option does. SSL_CERT_FILE replaces the store instead.",
+)
+@click.option(
+    "--ca-directory",
+    metavar="DIR",
+    help="Also trust the CA certificates of this OpenSSL hashed folder (openssl rehash DIR).",
+)
 @click.option(
     "--allow-private-networks",
     is_flag=True,
@@ -342,6 +371,11 @@ def _options(kw: dict[str, Any]) -> Any:
         "user_agent_token",
         "disallowed_header_directives",
         "proxy",
+        "ca_certificate",
+        "ca_directory",
+        "hash",
+        "verify_hash_column",
+        "verify_hash_type",
     ):
         if kw.get(name) is None:
             kw.pop(name, None)

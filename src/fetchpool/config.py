@@ -25,6 +25,9 @@ MiB = 1024 * 1024
 ResizeMode = Literal["no", "keep-ratio", "center-crop", "pad"]
 Encode = Literal["keep", "jpeg", "webp", "png"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
+HashName = Literal["md5", "sha256", "sha512"]
+#: Digests ``--hash`` and ``--verify-hash-type`` offer (img2dataset's ``compute_hash`` set).
+HASHES: tuple[HashName, ...] = ("md5", "sha256", "sha512")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -80,6 +83,75 @@ def parse_directives(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(result)
 
 
+#: A CA bundle larger than this is not a CA bundle (Mozilla's whole store is ~220 KB).
+_MAX_CA_BYTES = 16 * MiB
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+#: OpenSSL's hashed names in a CA folder: ``5ed36f99.0`` (``.r0`` for CRLs).
+_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
+
+
+def load_ca_certificate(path: str) -> str:
+    """The PEM certificates of the bundle at ``path``, checked by OpenSSL, as one string.
+
+    Raises :class:`ConfigError` naming ``--ca-certificate`` when the file is missing,
+    unreadable, not PEM or holds a certificate OpenSSL refuses. Text around the blocks
+    (comments, an ``Issuer:`` line in another script) is dropped.
+    """
+    option = f"--ca-certificate {path}"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_CA_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{option}: is a folder; a folder of hashed certificates goes with --ca-directory"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read it: {exc.strerror or exc}") from None
+    _check(len(data) <= _MAX_CA_BYTES, f"{option}: larger than 16 MiB, not a CA bundle")
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        what = "a private key" if b"PRIVATE KEY-----" in data else "no certificate"
+        raise ConfigError(
+            f"{option}: {what}, not a PEM bundle of CA certificates "
+            "('-----BEGIN CERTIFICATE-----' blocks; convert DER with "
+            "'openssl x509 -inform der -in FILE -out FILE.pem')"
+        )
+    pem = b"\n".join(blocks).decode("ascii", "replace") + "\n"
+    import ssl  # only when the option is used: it costs start-up time
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{option}: not a valid certificate: {exc}") from None
+    return pem
+
+
+def check_ca_directory(path: str) -> None:
+    """Raise :class:`ConfigError` naming ``--ca-directory`` unless ``path`` is a readable
+    folder with OpenSSL's hashed certificate names in it (``openssl rehash`` makes them)."""
+    option = f"--ca-directory {path}"
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: no such folder") from None
+    except NotADirectoryError:
+        raise ConfigError(
+            f"{option}: not a folder (a PEM bundle goes with --ca-certificate)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read it: {exc.strerror or exc}") from None
+    _check(
+        any(_HASHED_NAME.fullmatch(name) for name in names),
+        f"{option}: no hashed certificate names (like 5ed36f99.0) in it: OpenSSL looks "
+        f"certificates up by them; run 'openssl rehash {path}' (or c_rehash), or give a PEM "
+        "bundle with --ca-certificate",
+    )
+
+
 def _check_header(name: str, value: str) -> None:
     """Request header fields are sent as given: a CR or LF in them would split the request."""
     _check(bool(_TOKEN.fullmatch(name)), f"header name {name[:40]!r} is not an HTTP token")
@@ -131,6 +203,24 @@ class FetchConfig:
     #: processes and cluster parts use the same proxies as the run that built it.
     proxy: str | None = None
     proxy_environment: tuple[tuple[str, str], ...] | None = None
+    #: A PEM bundle of CA certificates trusted in addition to the system store (wget's
+    #: ``--ca-certificate``); ``SSL_CERT_FILE`` replaces the system store instead.
+    ca_certificate: str | None = None
+    #: An OpenSSL hashed folder of CA certificates trusted in addition (wget's
+    #: ``--ca-directory``); it must exist wherever the fetches run.
+    ca_directory: str | None = None
+    #: (path, PEM text) of ``ca_certificate``, read when the config is built: the text
+    #: travels with the config to fetch processes and cluster workers, which may not have
+    #: the file. Set by the config itself.
+    ca_pem: tuple[str, str] | None = field(default=None, repr=False)
+    #: A digest of the downloaded bytes to keep beside ``fetched_sha256`` (always computed):
+    #: ``md5`` or ``sha512`` fill the record's column of that name; ``sha256`` adds nothing.
+    hash: HashName | None = None
+    #: The input column holding each row's expected digest: a body whose digest differs
+    #: fails ``hash_mismatch`` and is not saved.
+    verify_hash_column: str | None = None
+    #: The algorithm of that column; default: ``hash``, else sha256.
+    verify_hash_type: HashName | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
@@ -175,6 +265,8 @@ class FetchConfig:
             "disallowed_header_directives",
             parse_directives(self.disallowed_header_directives),
         )
+        self._check_trust()
+        self._check_hashes()
         for name, value in (
             ("User-Agent", self.request_user_agent),
             ("Accept-Encoding", self.accept_encoding),
@@ -185,6 +277,51 @@ class FetchConfig:
             captured = environment_proxies(os.environ) if self.proxy else ()
             object.__setattr__(self, "proxy_environment", captured)
         ProxyPolicy.build(self.proxy, self.proxy_environment or ())  # raises for a bad URL
+
+    def _check_trust(self) -> None:
+        """Read and check ``ca_certificate`` (kept in ``ca_pem``) and ``ca_directory``."""
+        if self.ca_certificate is not None:
+            path = os.fspath(self.ca_certificate)
+            object.__setattr__(self, "ca_certificate", path)
+            if self.ca_pem is None or self.ca_pem[0] != path:  # a copy keeps what was read
+                object.__setattr__(self, "ca_pem", (path, load_ca_certificate(path)))
+        else:
+            object.__setattr__(self, "ca_pem", None)
+        if self.ca_directory is not None:
+            object.__setattr__(self, "ca_directory", os.fspath(self.ca_directory))
+            check_ca_directory(self.ca_directory)
+
+    def _check_hashes(self) -> None:
+        """Check ``hash`` and the ``verify_hash_*`` pair; default the verify type."""
+        for name in ("hash", "verify_hash_type"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = value.strip().lower()
+                object.__setattr__(self, name, value)
+            _check(
+                value is None or value in HASHES,
+                f"--{name.replace('_', '-')} {value!r}: choose md5, sha256 or sha512",
+            )
+        column = self.verify_hash_column
+        if column is not None:
+            _check(
+                isinstance(column, str) and bool(column.strip()),
+                "--verify-hash-column needs a column name",
+            )
+            if self.verify_hash_type is None:
+                object.__setattr__(self, "verify_hash_type", self.hash or "sha256")
+        else:
+            _check(
+                self.verify_hash_type is None,
+                "--verify-hash-type goes with --verify-hash-column (the input column that "
+                "holds the expected digests)",
+            )
+
+    @property
+    def digests(self) -> tuple[HashName, ...]:
+        """The digests computed while a body streams, besides sha256 (always computed)."""
+        wanted = {self.hash, self.verify_hash_type}
+        return tuple(name for name in HASHES if name in wanted and name != "sha256")
 
     def accepts(self, content_type: str | None) -> bool:
         """Whether ``--accept`` lets a response with this Content-Type through. A missing
@@ -338,9 +475,23 @@ class Options:
             # page served with 200) fails not_an_image, as with img2dataset.
             object.__setattr__(self, "image", replace(self.image, identify=True))
         _check(self.window is None or self.window >= 1, "window must be >= 1")
+        _check(
+            self.fetch.verify_hash_column != self.url_column,
+            f"--verify-hash-column {self.url_column!r} is the URL column (--url-column)",
+        )
         if self.shard is not None:
             k, n = self.shard
             _check(n >= 1 and 0 <= k < n, "shard must be K/N with 0 <= K < N")
+
+    @property
+    def required_columns(self) -> dict[str, str]:
+        """Input columns that options name besides the URL's and caption's, by role
+        (``verify-hash`` for ``--verify-hash-column``): the input is refused before any
+        download without them."""
+        column = self.fetch.verify_hash_column
+        if column is None:
+            return {}
+        return {"verify-hash": column}
 
     def recorded(self) -> dict[str, Any]:
         """The run's settings as the journal keeps them (``runs.settings``, JSON): every stage
@@ -358,6 +509,7 @@ class Options:
         stages["fetch"]["proxy_environment"] = [
             name for name, _ in self.fetch.proxy_environment or ()
         ]
+        del stages["fetch"]["ca_pem"]  # the bundle's text: its path is there
         for name in ("input_format", "url_column", "retry_failed", "shard", "window"):
             stages[name] = getattr(self, name)
         return stages

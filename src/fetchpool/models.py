@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     UNWANTED_CONTENT_TYPE = "unwanted_content_type"  # not in --accept
     OPTED_OUT = "opted_out"  # X-Robots-Tag noai (...) or tdm-reservation: 1
     # content / CPU stage
+    HASH_MISMATCH = "hash_mismatch"  # the body's digest differs from the input row's
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
@@ -79,6 +80,11 @@ RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.INCOMPLETE_BODY,
     }
 )
+
+#: Record fields with a digest of the downloaded bytes, named after their algorithm as
+#: img2dataset names its ``compute_hash`` column, filled when asked (``--hash``); the sha256
+#: of the download is always in ``fetched_sha256``.
+DOWNLOAD_DIGESTS = ("md5", "sha512")
 
 #: HTTP statuses that are retried (RELIABILITY.md: 408/429/500/502/503/504).
 RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
@@ -161,6 +167,9 @@ class Record:
     # always describe the output); equal to them otherwise.
     fetched_bytes: int | None = None
     fetched_sha256: str | None = None
+    # Digests of what was downloaded too, when asked for (``--hash``, ``--verify-hash-type``).
+    md5: str | None = None
+    sha512: str | None = None
     # Transient: the fetched (or processed) body waiting to be published. Never persisted.
     temp_path: str | None = None
     # Transient: the file extension chosen for the body (".jpg"), set by fetch or process.

@@ -122,6 +122,7 @@ def download_on_cluster(
         url_column=options.url_column,
         storage_options=storage_options,
         caption_column=options.output.caption_column,
+        required=options.required_columns,
     )
     store = Store(dest, storage_options)
     if not store.remote and (store.path / STATE_DIR / DB_NAME).exists():

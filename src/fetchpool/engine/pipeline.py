@@ -276,6 +276,7 @@ class Pipeline:
             format=self.options.input_format,
             url_column=self.options.url_column,
             caption_column=self.options.output.caption_column,
+            required=self.options.required_columns,
         )
         if (self.out / ".fetchpool" / "plan.json").is_file():
             raise ConfigError(
@@ -771,7 +772,9 @@ class Pipeline:
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer
 
-        return make_writer(self.out, self.options.output, ledger=self._journal)
+        return make_writer(
+            self.out, self.options.output, ledger=self._journal, digests=self.options.fetch.digests
+        )
 
     def _make_image_stage(self) -> Any:
         if not self.options.image.active:

@@ -36,6 +36,7 @@ from fetchpool.config import FetchConfig
 from fetchpool.errors import DiskFullError, FetchError
 from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
 from fetchpool.fetch.decoding import Decoder, decoder_for
+from fetchpool.fetch.digests import expected_digest, new_hash
 from fetchpool.fetch.guard import AddressGuard
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, Via, WireError
 from fetchpool.fetch.optout import agent_tokens, opt_out
@@ -80,6 +81,8 @@ class _Attempt:
     deadline: float
     clock: Callable[[], float]
     watch: Watch
+    #: The digest the input row expects of the body (``--verify-hash-column``), raw.
+    expected: bytes | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.clock()
@@ -184,6 +187,8 @@ class HttpFetcher:
             num_pools=pools,
             insecure=config.insecure,
             shared_idle=concurrent,  # one proxy connection per fetch (fetchpool.proxies)
+            ca_data=config.ca_pem[1] if config.ca_pem is not None else None,
+            ca_directory=config.ca_directory,
         )
         self._base_headers = self._initial_headers(None)
         self._disallowed = frozenset(config.disallowed_header_directives)
@@ -198,13 +203,37 @@ class HttpFetcher:
             record.worker = threading.current_thread().name
             deadline = self._clock() + self._config.total_timeout
             try:
+                expected = self._expected(record)
                 with self._watchdog.watch(deadline) as watch:
-                    self._follow(record, _Attempt(deadline, self._clock, watch), job.hop)
+                    attempt = _Attempt(deadline, self._clock, watch, expected)
+                    self._follow(record, attempt, job.hop)
             except FetchError as exc:
                 _fail(record, exc)
             finally:
                 record.finished = time.time()
             return record
+
+    def _expected(self, record: Record) -> bytes | None:
+        """The digest the row's ``verify_hash_column`` gives; a row without a usable one
+        fails ``bad_input`` before anything is fetched (it could not be verified)."""
+        column = self._config.verify_hash_column
+        if column is None:
+            return None
+        name = self._config.verify_hash_type or "sha256"
+        value = record.meta.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise FetchError(
+                ErrorCode.BAD_INPUT,
+                f"no {name} in column {column!r} to verify the download against "
+                "(--verify-hash-column): not fetched",
+            )
+        try:
+            return expected_digest(value, name)
+        except ValueError as exc:
+            raise FetchError(
+                ErrorCode.BAD_INPUT,
+                f"column {column!r} (--verify-hash-column) {exc}: not fetched",
+            ) from None
 
     def close(self) -> None:
         """Close every pooled connection and stop the deadline watchdog."""
@@ -472,7 +501,9 @@ class HttpFetcher:
     ) -> None:
         fd, path = fsutil.create_temp_fd(self._tmp_dir)
         try:
-            digest, size, head = self._stream(response, fd, length, attempt, decoder=decoder)
+            digests, size, head = self._stream(response, fd, length, attempt, decoder=decoder)
+            if attempt.expected is not None:
+                self._verify(digests, attempt.expected)
             # fsynced here only when asked: otherwise the writer does it before naming the
             # file (a shard writer never needs this temp file on disk at all).
             if self._sync_temp:
@@ -490,7 +521,9 @@ class HttpFetcher:
         record.temp_synced = self._sync_temp
         record.temp_path = path
         record.bytes = record.fetched_bytes = size  # as decoded; the CPU stage may change
-        record.sha256 = record.fetched_sha256 = digest  # bytes and sha256, never these
+        record.sha256 = record.fetched_sha256 = digests["sha256"]  # bytes and sha256, never
+        record.md5 = digests.get("md5")  # these: they describe what was downloaded
+        record.sha512 = digests.get("sha512")
         record.extension = sniff_extension(record.content_type, head, target.url)
         record.status = Status.OK
 
@@ -502,13 +535,15 @@ class HttpFetcher:
         attempt: _Attempt,
         *,
         decoder: Decoder | None = None,
-    ) -> tuple[str, int, bytes]:
-        """Write the body (decoded when ``decoder``) to ``fd``: (sha256, size, head).
+    ) -> tuple[dict[str, str], int, bytes]:
+        """Write the body (decoded when ``decoder``) to ``fd``: (hex digests by algorithm,
+        sha256 and the config's ``digests``; size; head).
 
         ``max_bytes`` bounds both the bytes received and the bytes written; a decoder hands
         out at most ``CHUNK_SIZE`` bytes at a time, so memory stays flat whatever the ratio.
         """
         hasher = hashlib.sha256()
+        extra = [(name, new_hash(name)) for name in self._config.digests]
         meter = _Throughput(self._clock, self._config.min_speed, self._config.min_speed_window)
         limit = self._config.max_bytes
         head = b""
@@ -530,6 +565,8 @@ class HttpFetcher:
                     decoder.check_ratio(size, received)
                 _local_io(fsutil.write_all, fd, chunk)
                 hasher.update(chunk)
+                for _, more in extra:
+                    more.update(chunk)
                 if len(head) < HEAD_BYTES:
                     head += chunk[: HEAD_BYTES - len(head)]
                 chunk = decoder.read(CHUNK_SIZE) if decoder is not None else b""
@@ -540,7 +577,19 @@ class HttpFetcher:
             raise FetchError(ErrorCode.INCOMPLETE_BODY, f"got {received} of {length} bytes")
         if decoder is not None:
             decoder.finish()
-        return hasher.hexdigest(), size, head
+        digests = {"sha256": hasher.hexdigest()}
+        digests.update((name, more.hexdigest()) for name, more in extra)
+        return digests, size, head
+
+    def _verify(self, digests: dict[str, str], expected: bytes) -> None:
+        name = self._config.verify_hash_type or "sha256"
+        actual = digests[name]
+        if bytes.fromhex(actual) != expected:
+            raise FetchError(
+                ErrorCode.HASH_MISMATCH,
+                f"{name} of the downloaded bytes is {actual}, the input's "
+                f"{self._config.verify_hash_column!r} says {expected.hex()}: not saved",
+            )
 
     def _read_chunk(
         self, response: Response, attempt: _Attempt, length: int | None, size: int

@@ -103,10 +103,37 @@ def _tls_error(exc: OSError) -> WireError:
     return WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}")
 
 
-def tls_context(*, insecure: bool) -> ssl.SSLContext:
+#: OpenSSL verify results that a missing trust anchor causes: unable to get the issuer's
+#: certificate (2, 20), self-signed leaf or chain (18, 19), cannot verify the leaf (21).
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
+_EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH = 10, 9, 62
+
+
+def _verify_error(exc: ssl.SSLCertVerificationError) -> WireError:
+    """A certificate that did not verify, with what the user can do about it."""
+    code = getattr(exc, "verify_code", None)
+    if code in _UNTRUSTED_ISSUER:
+        advice = (
+            "if the server's certificate comes from a private CA, --ca-certificate FILE "
+            "(its PEM) trusts it; --insecure skips the check (recorded)"
+        )
+    elif code in (_EXPIRED, _NOT_YET_VALID):
+        advice = "check this machine's clock; --insecure skips the check (recorded)"
+    elif code == _HOSTNAME_MISMATCH:
+        advice = "the certificate names another host; --insecure skips the check (recorded)"
+    else:
+        advice = "--insecure skips the check (recorded)"
+    return WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}; {advice}")
+
+
+def tls_context(
+    *, insecure: bool, ca_data: str | None = None, ca_directory: str | None = None
+) -> ssl.SSLContext:
     """The TLS settings of every HTTPS connection: system trust store (``SSL_CERT_FILE`` and
-    ``SSL_CERT_DIR`` honoured), name checked, TLS ≥ 1.2, ALPN ``http/1.1``; ``insecure``
-    skips the certificate and name checks (``--insecure``).
+    ``SSL_CERT_DIR`` replace its file and folder, as OpenSSL reads them), name checked,
+    TLS ≥ 1.2, ALPN ``http/1.1``; ``insecure`` skips the certificate and name checks
+    (``--insecure``). ``ca_data`` (PEM text, ``--ca-certificate``) and ``ca_directory``
+    (an OpenSSL hashed folder, ``--ca-directory``) are trusted in addition to the store.
 
     ``ssl`` is imported here, at the first HTTPS connection: it costs ~10 ms of start-up
     (OpenSSL's libssl) that a plain-HTTP run never needs.
@@ -116,6 +143,8 @@ def tls_context(*, insecure: bool) -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    if ca_data or ca_directory:
+        context.load_verify_locations(cadata=ca_data, capath=ca_directory)
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -560,11 +589,14 @@ class ConnectionPool:
         num_pools: int,
         insecure: bool,
         shared_idle: int | None = None,
+        ca_data: str | None = None,
+        ca_directory: str | None = None,
     ) -> None:
         self._per_host = per_host
         self._shared_idle = shared_idle or per_host
         self._num_pools = num_pools
         self._insecure = insecure
+        self._ca = (ca_data, ca_directory)
         self._tls: ssl.SSLContext | None = None
         self._idle: collections.OrderedDict[Key, list[Connection]] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -647,9 +679,9 @@ class ConnectionPool:
         transport.attach_current(tls)
         try:
             tls.do_handshake()
-        except (ssl.SSLCertVerificationError, ssl.CertificateError) as exc:
+        except ssl.SSLCertVerificationError as exc:  # ssl.CertificateError is the same class
             tls.close()
-            raise _tls_error(exc) from exc
+            raise _verify_error(exc) from exc
         except (ssl.SSLEOFError, ConnectionError) as exc:
             # A peer that drops the connection during the handshake is a connect failure
             # (transient, retried), not a certificate problem.
@@ -676,7 +708,9 @@ class ConnectionPool:
         # Built at first use, not at start: a plain-HTTP run never loads the trust store.
         with self._lock:
             if self._tls is None:
-                self._tls = tls_context(insecure=self._insecure)
+                self._tls = tls_context(
+                    insecure=self._insecure, ca_data=self._ca[0], ca_directory=self._ca[1]
+                )
             return self._tls
 
     def _take_idle(self, key: Key) -> Connection | None:

@@ -359,18 +359,20 @@ def _no_column(
     header: bool = False,
     role: str = "url",
 ) -> str:
-    """``role`` is which column is missing: ``url`` (``--url-column``) or ``caption``."""
+    """``role`` is which column is missing: ``url`` (``--url-column``), ``caption`` or
+    ``verify-hash``."""
     shown = ", ".join(_show(c) for c in columns[:_SHOWN_COLUMNS]) or "none"
     if len(columns) > _SHOWN_COLUMNS:
         shown += f", ... ({len(columns)} in all)"
-    what = "URL" if role == "url" else role
+    py = role.replace("-", "_")
+    what = "URL" if role == "url" else role.replace("-", " ")
     message = (
         f"{name}: {where} has no column {column!r} (columns: {shown}); "
-        f"choose the {what} column with --{role}-column ({role}_column= in Python)"
+        f"choose the {what} column with --{role}-column ({py}_column= in Python)"
     )
     guess = _guess(column, columns)
     if guess is not None:
-        message += f"; perhaps --{role}-column {shlex.quote(guess)} ({role}_column={guess!r})"
+        message += f"; perhaps --{role}-column {shlex.quote(guess)} ({py}_column={guess!r})"
     elif header and any(c.startswith(("http://", "https://")) for c in columns):
         message += (
             "; that line looks like data: add a header row, "
@@ -673,12 +675,12 @@ def _open_parquet(spec: _Spec) -> Any:
         raise InputError(f"{path}: not a readable parquet file: {exc}") from None
 
 
-def _parquet_columns(spec: _Spec, url_column: str, caption_column: str | None = None) -> None:
+def _parquet_columns(spec: _Spec, url_column: str, extra: Mapping[str, str]) -> None:
     with _open_parquet(spec) as pf:
         columns = list(pf.schema_arrow.names)
     if url_column not in columns:
         raise InputError(_no_column(spec.name, url_column, columns, "the schema"))
-    _check_caption(spec, caption_column, columns, "the schema")
+    _check_extra(spec, extra, columns, "the schema")
 
 
 def _rows_parquet(spec: _Spec, url_column: str) -> Iterator[_Row]:
@@ -705,15 +707,15 @@ def _rows_iterable(items: Iterable[Any], url_column: str) -> Iterator[_Row]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_caption(spec: _Spec, caption: str | None, columns: list[str], where: str) -> None:
-    """The caption column (``--caption-column``) must be in the input's columns too."""
-    if caption is not None and caption not in columns:
-        raise InputError(_no_column(spec.name, caption, columns, where, role="caption"))
+def _check_extra(spec: _Spec, extra: Mapping[str, str], columns: list[str], where: str) -> None:
+    """Columns other options name (``extra``: role → column, as in ``--caption-column``,
+    ``--verify-hash-column``) must be in the input's columns too."""
+    for role, column in extra.items():
+        if column not in columns:
+            raise InputError(_no_column(spec.name, column, columns, where, role=role))
 
 
-def _check_start(
-    stream: _Lines, spec: _Spec, url_column: str, caption_column: str | None = None
-) -> None:
+def _check_start(stream: _Lines, spec: _Spec, url_column: str, extra: Mapping[str, str]) -> None:
     """Read the start of a text input (at most about 2 * MAX_LINE_BYTES) and raise
     InputError if it cannot be this format's input; the readers check the rest as they go."""
     lines = _physical_lines(stream, spec.name, skip_rest=False)
@@ -737,7 +739,7 @@ def _check_start(
         header = _read_header(parser, spec.name, url_column)
         if header is not None:
             where = f"the header (line {parser.feed.start})"
-            _check_caption(spec, caption_column, header, where)
+            _check_extra(spec, extra, header, where)
     elif spec.format == "jsonl" and not truncated:
         try:
             obj = json.loads(data)
@@ -747,7 +749,7 @@ def _check_start(
             where = f"the first object (line {number})"
             if url_column not in obj:
                 raise InputError(_no_column(spec.name, url_column, list(obj), where))
-            _check_caption(spec, caption_column, list(obj), where)
+            _check_extra(spec, extra, list(obj), where)
 
 
 def _chain(*parts: Iterator[tuple[int, bytes, bool]]) -> Iterator[tuple[int, bytes, bool]]:
@@ -762,6 +764,7 @@ def check_input(
     url_column: str = "url",
     storage_options: Mapping[str, Any] | None = None,
     caption_column: str | None = None,
+    required: Mapping[str, str] | None = None,
 ) -> None:
     """Raise :class:`InputError` now if ``source`` cannot be read as an input at all.
 
@@ -772,17 +775,23 @@ def check_input(
     in the input are found as it streams. For stdin (``"-"``), what it reads is kept and
     handed to the next reader of stdin, so nothing is lost. An iterable is not checked (that
     would consume it). ``source`` may be an fsspec URL (``s3://bucket/urls.parquet``),
-    opened with ``storage_options``. ``caption_column``, when given, must be a column too
-    (a text list has no columns: it is refused).
+    opened with ``storage_options``. ``caption_column``, when given, must be a column too,
+    as must each of ``required`` (role → column: ``{"verify-hash": "md5"}`` is checked as
+    ``--verify-hash-column``). A text list has no columns: it is refused with either.
     """
     if not isinstance(source, str | os.PathLike):
         return
     spec = _resolve(source, format, storage_options)
-    if caption_column is not None and spec.format == "txt":
-        raise InputError(
-            f"{spec.name}: a text list has no columns, so no caption column {caption_column!r}; "
-            "--caption-column (caption_column= in Python) needs a csv, tsv, jsonl or parquet input"
-        )
+    extra = dict(required or {})
+    if caption_column is not None:
+        extra = {"caption": caption_column, **extra}
+    for role, column in extra.items():
+        if spec.format == "txt":
+            option = f"--{role}-column ({role.replace('-', '_')}_column= in Python)"
+            raise InputError(
+                f"{spec.name}: a text list has no columns, so no {role} column {column!r}; "
+                f"{option} needs a csv, tsv, jsonl or parquet input"
+            )
     if spec.stdin:
         if spec.format == "parquet":
             raise InputError(
@@ -790,16 +799,16 @@ def check_input(
             )
         replay = _stdin().record()
         try:
-            _check_start(replay, spec, url_column, caption_column)
+            _check_start(replay, spec, url_column, extra)
         finally:
             replay.rewind()
         return
     _check_file(spec)
     if spec.format == "parquet":
-        _parquet_columns(spec, url_column, caption_column)
+        _parquet_columns(spec, url_column, extra)
         return
     with _open_binary(spec) as stream:
-        _check_start(stream, spec, url_column, caption_column)
+        _check_start(stream, spec, url_column, extra)
 
 
 # --------------------------------------------------------------------------- public API

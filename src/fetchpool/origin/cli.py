@@ -74,6 +74,13 @@ def _help() -> str:
     type=click.IntRange(min=0),
     help="How many URLs --write-urls writes.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Serve HTTPS with this PEM certificate (chain); needs --tls-key. For trying "
+    "fetchpool get --ca-certificate against a CA of your own.",
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its PEM key.")
 def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
     host: str,
     port: int,
@@ -83,8 +90,13 @@ def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
     seed: int,
     write_urls: Path | None,
     count: int,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     """Run the origin until interrupted (the help text is built by _help())."""
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     if write_urls == Path("-"):
         # Only a list is asked for: a pipe to 'fetchpool get -' must end, and the origin the
         # URLs name is another process's (a second bind of its port would fail).
@@ -93,26 +105,28 @@ def serve_command(  # noqa: PLR0917 - click passes every option as a parameter
                 "--write-urls - writes the URLs of an origin already running at --host and "
                 "--port without serving; give its --port (0 names no port)"
             )
-        _write_urls(host, port, write_urls, count)
+        _write_urls(host, port, write_urls, count, "https" if tls else "http")
         return
-    origin = Origin(host, port, latency=latency, jitter=jitter, bandwidth=bandwidth, seed=seed)
+    origin = Origin(
+        host, port, latency=latency, jitter=jitter, bandwidth=bandwidth, seed=seed, tls=tls
+    )
     try:
         origin.start()
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot serve on {host}:{port}: {exc}") from exc
     try:
         # The bare URL on its own line, so scripts can read it; the hint goes to stderr.
         click.echo(origin.base_url)
         click.echo("fetchpool origin running; Ctrl-C to stop", err=True)
         if write_urls is not None:
-            _write_urls(origin.host, origin.port, write_urls, count)
+            _write_urls(origin.host, origin.port, write_urls, count, origin.scheme)
         _wait_for_signal()
     finally:
         origin.stop()
 
 
-def _write_urls(host: str, port: int, target: Path, count: int) -> None:
-    text = "".join(f"{image_url_for(host, port, n)}\n" for n in range(count))
+def _write_urls(host: str, port: int, target: Path, count: int, scheme: str = "http") -> None:
+    text = "".join(f"{image_url_for(host, port, n, scheme=scheme)}\n" for n in range(count))
     if target == Path("-"):
         click.echo(text, nl=False)
         return

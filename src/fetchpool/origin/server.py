@@ -149,6 +149,12 @@ class _Settings:
     bandwidth: int | None
     seed: int
     max_log: int
+    tls_cert: str | None = None  # PEM certificate chain and key: serve HTTPS
+    tls_key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
 
 @dataclass(slots=True)
@@ -550,7 +556,8 @@ class _App:
         _, sep, query = req.target.partition("?")
         target += sep + query  # keep ?latency= and ?n= along the chain
         if parts[0] == "redirect-abs":
-            target = f"http://{req.headers.get('host') or self._authority()}{target}"
+            authority = req.headers.get("host") or self._authority()
+            target = f"{self.settings.scheme}://{authority}{target}"
         return await self._redirect_reply(req, writer, 302, target)
 
     async def _redirect_loop(self, req: _Request, parts: list[str], writer: _Writer) -> bool:
@@ -692,11 +699,13 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def image_url_for(host: str, port: int, n: int, ext: str = "jpg", *, small: bool = False) -> str:
+def image_url_for(
+    host: str, port: int, n: int, ext: str = "jpg", *, small: bool = False, scheme: str = "http"
+) -> str:
     """The URL of image ``n`` on an origin serving at ``host:port``, started or not (what
     :meth:`Origin.image_url` returns once it is)."""
     path = f"{'small' if small else 'img'}/{n}.{images.normalize_ext(ext)}"
-    return f"http://{_authority(host, port)}/{path}"
+    return f"{scheme}://{_authority(host, port)}/{path}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -783,8 +792,14 @@ class _ThreadServer:
     async def _main(self, sock: socket.socket, ready: threading.Event) -> None:
         assert self.app is not None
         self._stopping = asyncio.Event()
+        tls = None
+        if self.settings.tls_cert:
+            import ssl
+
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
         server = await asyncio.start_server(
-            self.app.serve_connection, sock=sock, limit=_HEAD_LIMIT, backlog=_BACKLOG
+            self.app.serve_connection, sock=sock, limit=_HEAD_LIMIT, backlog=_BACKLOG, ssl=tls
         )
         ready.set()
         await self._stopping.wait()
@@ -801,6 +816,8 @@ def _replace_port(settings: _Settings, port: int) -> _Settings:
         settings.bandwidth,
         settings.seed,
         settings.max_log,
+        settings.tls_cert,
+        settings.tls_key,
     )
 
 
@@ -926,6 +943,8 @@ class Origin:
     seed gives the same bytes in every process). ``process=True`` runs the server in a spawned
     child process; everything, the request log included, works the same, with a pipe round
     trip per :meth:`requests` call. ``max_log`` bounds the request log (oldest dropped).
+    ``tls=(certfile, keyfile)`` serves HTTPS with that PEM certificate (chain) and key, e.g.
+    one signed by a test CA, for a client's trust options.
     """
 
     def __init__(
@@ -939,6 +958,7 @@ class Origin:
         seed: int = 0,
         process: bool = False,
         max_log: int = 100_000,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError("port must be 0..65535")
@@ -948,7 +968,9 @@ class Origin:
             raise ValueError("bandwidth must be >= 1 byte/s")
         if max_log < 0:
             raise ValueError("max_log must be >= 0")
-        settings = _Settings(host, port, latency, jitter, bandwidth, seed, max_log)
+        cert, key = (str(tls[0]), str(tls[1])) if tls is not None else (None, None)
+        settings = _Settings(host, port, latency, jitter, bandwidth, seed, max_log, cert, key)
+        self.scheme = settings.scheme
         self.host = host
         self.latency = latency
         self.jitter = jitter
@@ -998,8 +1020,8 @@ class Origin:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT`` (IPv6 hosts are bracketed)."""
-        return f"http://{_authority(self.host, self.port)}"
+        """``http://127.0.0.1:PORT`` (``https`` with ``tls``; IPv6 hosts are bracketed)."""
+        return f"{self.scheme}://{_authority(self.host, self.port)}"
 
     def url(self, path: str) -> str:
         """Absolute URL of ``path`` on this origin (``"/html"`` or ``"html"``)."""
@@ -1007,7 +1029,7 @@ class Origin:
 
     def image_url(self, n: int, ext: str = "jpg", *, small: bool = False) -> str:
         """URL of image ``n`` (``/img/{n}.{ext}``, or ``/small/...`` when ``small``)."""
-        return image_url_for(self.host, self.port, n, ext, small=small)
+        return image_url_for(self.host, self.port, n, ext, small=small, scheme=self.scheme)
 
     def image_bytes(self, n: int, ext: str = "jpg", *, small: bool = False) -> bytes:
         """Exactly the bytes :meth:`image_url` serves (compare sha256 against these)."""

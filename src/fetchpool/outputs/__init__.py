@@ -6,6 +6,7 @@ output is durable. Writers are imported lazily: Parquet needs the optional pyarr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from fetchpool.config import OutputConfig
@@ -14,9 +15,16 @@ from fetchpool.stages import ShardLedger, Writer
 __all__ = ["make_writer"]
 
 
-def make_writer(out: Path, config: OutputConfig, *, ledger: ShardLedger | None = None) -> Writer:
+def make_writer(
+    out: Path,
+    config: OutputConfig,
+    *,
+    ledger: ShardLedger | None = None,
+    digests: Sequence[str] = (),
+) -> Writer:
     """The writer for ``config.format`` publishing into ``out``; a sharded one stages each
-    shard's rows in ``ledger`` (the run's journal) before naming the shard.
+    shard's rows in ``ledger`` (the run's journal) before naming the shard. ``digests``
+    (``md5``, ``sha512``: those the fetcher computes) become dataset columns.
 
     Raises :class:`fetchpool.errors.ConfigError` when the format needs a missing extra.
     """
@@ -28,6 +36,7 @@ def make_writer(out: Path, config: OutputConfig, *, ledger: ShardLedger | None =
             shard_size=config.samples_per_shard,
             ledger=ledger,
             caption_column=config.caption_column,
+            digests=digests,
         )
     if config.format == "parquet":
         from fetchpool.outputs.parquet import ParquetWriter
@@ -37,6 +46,7 @@ def make_writer(out: Path, config: OutputConfig, *, ledger: ShardLedger | None =
             shard_size=config.samples_per_shard,
             ledger=ledger,
             caption_column=config.caption_column,
+            digests=digests,
         )
     from fetchpool.outputs.files import FilesWriter
 

@@ -17,6 +17,7 @@ pyarrow is optional: ``pip install 'fetchpool[parquet]'``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,9 +49,10 @@ class ParquetWriter(ShardedWriter):
         shard_size: int = 1000,
         ledger: ShardLedger | None = None,
         caption_column: str | None = None,
+        digests: Sequence[str] = (),
     ) -> None:
         # Fails before any download when pyarrow is missing.
-        self._plan = TablePlan(out, image=True, caption=caption_column)
+        self._plan = TablePlan(out, image=True, caption=caption_column, digests=digests)
         super().__init__(out, shard_size=shard_size, ledger=ledger, caption_column=caption_column)
 
     def _add(self, handle: BinaryIO, record: Record) -> None:

@@ -34,7 +34,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fetchpool.models import Record
+from fetchpool.models import DOWNLOAD_DIGESTS, Record
 
 log = logging.getLogger("fetchpool")
 
@@ -51,6 +51,10 @@ SAMPLE_FIELDS: tuple[tuple[str, str], ...] = (
     ("sha256", "string"),
     ("content_type", "string"),
     ("http_status", "int32"),
+    # Digests of the download (as fetched, decoded from Content-Encoding): sha256 always,
+    # md5 / sha512 when --hash (or --verify-hash-type) asks; ``sha256`` is of the sample.
+    ("fetched_sha256", "string"),
+    *((name, "string") for name in DOWNLOAD_DIGESTS),
 )
 #: Columns of every row: a sample or a failure (each shard's metadata lists both).
 ROW_FIELDS: tuple[tuple[str, str], ...] = (
@@ -127,14 +131,20 @@ class TablePlan:
     """One run's columns and their Arrow types (see the module docstring).
 
     ``image`` adds the Parquet output's ``image`` and ``ext`` columns; ``caption`` (the
-    ``--caption-column``) adds ``caption``. :meth:`table` builds a shard's rows (or a row
+    ``--caption-column``) adds ``caption``; ``digests`` the ``md5`` / ``sha512`` columns
+    (``--hash``). :meth:`table` builds a shard's rows (or a row
     group's), pinning the schema on first use.
     """
 
-    def __init__(self, out: Path, *, image: bool, caption: str | None) -> None:
+    def __init__(
+        self, out: Path, *, image: bool, caption: str | None, digests: Sequence[str] = ()
+    ) -> None:
         self.modules = self._pa, self._pq = pyarrow_modules()
         self._image = image
         self._caption = caption
+        # md5 / sha512 columns only when computed (--hash): else an input column of that
+        # name keeps it
+        self._fixed = FIXED - {n for n in DOWNLOAD_DIGESTS if n not in digests}
         self._columns: list[_Column] | None = None
         self.schema: Any = None
         self._warned: set[str] = set()
@@ -154,10 +164,11 @@ class TablePlan:
                 columns.append(_Column(name, "ext", name, field.type))
             elif name == CAPTION_COLUMN and self._caption is not None:
                 columns.append(_Column(name, "caption", name, field.type))
-            elif name in FIXED:
+            elif name in self._fixed:
                 columns.append(_Column(name, "field", name, field.type))
             else:
-                key = name.removeprefix("meta_") if name.removeprefix("meta_") in FIXED else name
+                bare = name.removeprefix("meta_")
+                key = bare if bare in self._fixed else name
                 columns.append(_Column(name, "meta", key, field.type))
         self._columns = columns
         self.schema = schema
@@ -174,13 +185,13 @@ class TablePlan:
         columns += [
             _Column(name, "field", name, getattr(pa, kind)())
             for name, kind in ROW_FIELDS
-            if name not in ("key", "position", "url")
+            if name not in ("key", "position", "url") and name in self._fixed
         ]
         if self._caption is not None:
             columns.append(_Column(CAPTION_COLUMN, "caption", CAPTION_COLUMN, pa.string()))
         taken = {c.name for c in columns} | ({CAPTION_COLUMN} if self._caption else set())
         for key in _meta_names(records, skip=self._caption):
-            name = f"meta_{key}" if key in FIXED else key
+            name = f"meta_{key}" if key in self._fixed else key
             if name in taken:
                 continue  # meta_<x> clashing with an input column literally named so
             taken.add(name)

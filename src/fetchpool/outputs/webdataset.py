@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from fetchpool import fsutil
 from fetchpool.errors import ConfigError
-from fetchpool.models import Record
+from fetchpool.models import DOWNLOAD_DIGESTS, Record
 from fetchpool.outputs._shards import Fill, ShardedWriter
 from fetchpool.outputs.table import (
     SAMPLE_FIELDS,
@@ -61,11 +62,14 @@ class WebDatasetWriter(ShardedWriter):
         shard_size: int = 1000,
         ledger: ShardLedger | None = None,
         caption_column: str | None = None,
+        digests: Sequence[str] = (),
     ) -> None:
         super().__init__(out, shard_size=shard_size, ledger=ledger, caption_column=caption_column)
         self._tar: tarfile.TarFile | None = None
         try:
-            self._plan: TablePlan | None = TablePlan(out, image=False, caption=caption_column)
+            self._plan: TablePlan | None = TablePlan(
+                out, image=False, caption=caption_column, digests=digests
+            )
         except ConfigError:
             log.info("pyarrow is not installed: no NNNNN.parquet metadata beside the shards")
             self._plan = None
@@ -117,7 +121,12 @@ def sample_meta(record: Record) -> dict[str, Any]:
     """The ``.json`` member: the input's other columns, then our facts (ours win on a clash)."""
     meta: dict[str, Any] = {name: _jsonable(value) for name, value in record.meta.items()}
     meta.update(key=sample_key(record), position=record.position)
-    meta.update((name, getattr(record, name)) for name, _ in SAMPLE_FIELDS)
+    meta.update(
+        (name, getattr(record, name))
+        for name, _ in SAMPLE_FIELDS
+        # md5 / sha512 only when computed (--hash): an input column of that name stays
+        if name not in DOWNLOAD_DIGESTS or getattr(record, name) is not None
+    )
     return meta
 
 

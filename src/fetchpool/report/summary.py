@@ -30,7 +30,11 @@ HINTS: dict[str, str] = {
         "the address guard refuses loopback, private and link-local destinations; "
         "--allow-private-networks or --allow-cidr CIDR lets them through"
     ),
-    "tls_error": "the certificate was not trusted; --insecure skips the check (recorded)",
+    "tls_error": (
+        "the certificate was not trusted: a server with a private CA needs --ca-certificate "
+        "FILE (the CA's PEM, trusted beside the system store); --insecure skips the check "
+        "(recorded)"
+    ),
     "too_large": "the body was larger than --max-bytes",
     "image_too_large": "the image has more pixels (or frames) than --max-pixels allows",
     "image_too_small": "the image is smaller than --min-size",
@@ -47,6 +51,11 @@ HINTS: dict[str, str] = {
     ),
     "too_slow": "the transfer stayed below the minimum speed",
     "too_many_redirects": "more redirects than --max-redirects",
+    "hash_mismatch": (
+        "the downloaded bytes differ from the digest in --verify-hash-column: the file "
+        "changed since the list was made (often re-encoded by the site), or the column holds "
+        "another algorithm (--verify-hash-type)"
+    ),
     "opted_out": (
         "the server's X-Robots-Tag (noai, noimageai, ...) or tdm-reservation header reserves "
         "these files, so they were not saved; --disallowed-header-directives sets which "

@@ -361,8 +361,13 @@ class Journal:
         position = self._pending_ok_urls.get(url)
         if position is not None:
             return self.get(position)
+        # INDEXED BY as in find_ok_by_urls: without statistics the planner's choice between
+        # this and the (status, error_code) index depends on the row's width (adding the
+        # md5/sha512 columns tipped it to the scan of every OK row).
         row = self._query_one(
-            f"{schema.SELECT} WHERE url = ? AND status = 'ok' ORDER BY position LIMIT 1", (url,)
+            f"{schema.SELECT} INDEXED BY records_ok_url WHERE url = ? AND status = 'ok' "
+            "ORDER BY position LIMIT 1",
+            (url,),
         )
         return None if row is None else schema.from_row(row)
 

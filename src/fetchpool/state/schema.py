@@ -49,6 +49,8 @@ COLUMNS: dict[str, str] = {
     "image_format": "TEXT",
     "fetched_bytes": "INTEGER",
     "fetched_sha256": "TEXT",
+    "md5": "TEXT",
+    "sha512": "TEXT",
 }
 
 JSON_COLUMNS = frozenset({"meta", "redirects"})
