@@ -181,6 +181,7 @@ def test_parquet_reads_back_with_pyarrow(out: Path) -> None:
         "sha256",
         "content_type",
         "http_status",
+        "exif",
         "caption",
         "score",
         "meta_url",

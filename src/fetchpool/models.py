@@ -54,6 +54,9 @@ class ErrorCode(StrEnum):
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
+    IMAGE_AREA_TOO_SMALL = "image_area_too_small"
+    IMAGE_AREA_TOO_LARGE = "image_area_too_large"
+    ASPECT_RATIO_TOO_LARGE = "aspect_ratio_too_large"
     PROCESS_FAILED = "process_failed"
     # local
     IO_ERROR = "io_error"
@@ -160,6 +163,9 @@ class Record:
     # always describe the output); equal to them otherwise.
     fetched_bytes: int | None = None
     fetched_sha256: str | None = None
+    # The original's EXIF tags as a JSON object text (``--save-exif``), None when not asked
+    # for or when the image has none.
+    exif: str | None = None
     # Transient: the fetched (or processed) body waiting to be published. Never persisted.
     temp_path: str | None = None
     # Transient: the file extension chosen for the body (".jpg"), set by fetch or process.
