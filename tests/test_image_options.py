@@ -384,7 +384,7 @@ def test_exif_is_only_saved_when_asked(tmp_path: Path) -> None:
     plain = tmp_path / "plain.jpg"
     _gradient((40, 30)).save(plain, "JPEG")
     result = _run(plain, tmp_path, save_exif=True)
-    assert result.ok and result.exif is None  # no EXIF: null, not "{}"
+    assert result.ok and result.exif == "{}"  # asked for, none there: as img2dataset's
 
 
 def _jpeg_with_app1(path: Path, payload: bytes) -> Path:
@@ -406,8 +406,23 @@ def _jpeg_with_app1(path: Path, payload: bytes) -> Path:
 def test_broken_exif_is_no_exif_and_the_image_is_ok(tmp_path: Path, payload: bytes) -> None:
     src = _jpeg_with_app1(tmp_path / "broken.jpg", payload)
     result = _run(src, tmp_path, save_exif=True, resize=20)
-    assert result.ok and result.exif is None
+    assert result.ok and result.exif == "{}"
     assert _opened(result).size == (20, 15)
+
+
+def test_a_broken_gps_block_loses_only_its_tags(tmp_path: Path) -> None:
+    exif = _camera_exif()
+    data = bytearray(exif.tobytes())
+    # Point the GPS IFD offset (the value of tag 0x8825 in IFD0) past the end of the block.
+    entry = data.index(b"\x88\x25\x00\x04\x00\x00\x00\x01")  # tag, LONG, count 1 (MM)
+    data[entry + 8 : entry + 12] = (0x7FFF0000).to_bytes(4, "big")
+    src = tmp_path / "gps.jpg"
+    _gradient((40, 30)).save(src, "JPEG", exif=bytes(data))
+    result = _run(src, tmp_path, save_exif=True)
+    assert result.ok and result.exif is not None
+    tags = json.loads(result.exif)
+    assert tags["Image Make"] == "Acme" and tags["EXIF ExposureTime"] == "1/250"
+    assert not any(key.startswith("GPS ") for key in tags)
 
 
 def _png_with_exif(path: Path, exif: bytes) -> Path:
@@ -425,7 +440,7 @@ def test_huge_exif_block_is_not_parsed(tmp_path: Path) -> None:
     exif[ExifTags.Base.ImageDescription] = "x" * (MAX_EXIF_SOURCE + 10)
     src = _png_with_exif(tmp_path / "huge.png", exif.tobytes())
     result = _run(src, tmp_path, save_exif=True)
-    assert result.ok and result.exif is None and (result.width, result.height) == (40, 30)
+    assert result.ok and result.exif == "{}" and (result.width, result.height) == (40, 30)
 
 
 def test_exif_values_and_the_whole_object_are_capped(tmp_path: Path) -> None:

@@ -216,7 +216,7 @@ def test_save_exif_in_webdataset_json(origin: Origin, tmp_path: Path) -> None:
     assert set(metas) == {0, 1}
     assert isinstance(metas[0]["exif"], str)  # JSON text, as img2dataset writes it
     assert json.loads(metas[0]["exif"]).items() >= CAMERA_TAGS.items()
-    assert metas[1]["exif"] is None  # an image without EXIF
+    assert metas[1]["exif"] == "{}"  # an image without EXIF: as img2dataset, never null
     with Image.open(_member(shards[0], "000000000.jpg")) as img:
         assert img.getexif()[0x010F] == "fetchpool-origin"  # kept bytes keep their EXIF
 
@@ -243,7 +243,7 @@ def test_save_exif_in_parquet_with_resize(origin: Origin, tmp_path: Path) -> Non
     assert str(table.schema.field("exif").type) == "string"
     rows = {row["position"]: row for row in table.to_pylist()}
     assert json.loads(rows[0]["exif"]).items() >= CAMERA_TAGS.items()
-    assert rows[1]["exif"] is None
+    assert rows[1]["exif"] == "{}"
     assert (rows[0]["width"], rows[0]["height"]) == (32, 11)  # EXIF of the original survives
 
 
@@ -255,8 +255,30 @@ def test_save_exif_in_sidecar_and_manifest(origin: Origin, tmp_path: Path) -> No
     assert json.loads(rows[0]["exif"]).items() >= CAMERA_TAGS.items()
     sidecar = json.loads((out / rows[0]["path"]).with_suffix(".json").read_text())
     assert sidecar["exif"] == rows[0]["exif"]
-    assert rows[1]["exif"] is None
+    assert rows[1]["exif"] == "{}"
     # Without --save-exif nothing is extracted.
     plain = tmp_path / "plain"
     assert get(urls[:1], plain, "--verify").returncode == 0
     assert manifest(plain)[0]["exif"] is None
+
+
+def test_save_exif_webdataset_loads_in_datasets(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sample without EXIF first, one with EXIF in a later shard: ``exif`` is a string in
+    both (``{}``), so ``datasets`` infers one type (a null there broke the cast)."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "out"
+    urls = [origin.url(path) for path in reversed(EXIF_URLS)]
+    args = ("--save-exif", "--format", "webdataset", "--resize", "32", "--shard-size", "1")
+    assert get(urls, out, *args).returncode == 0
+    shards = [str(p) for p in sorted(out.glob("0*.tar"))]
+    assert len(shards) == 2
+    dataset = datasets.load_dataset(
+        "webdataset", data_files=shards, split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
+    exifs = [json.loads(row["json"]["exif"]) for row in dataset]
+    assert exifs[0] == {} and exifs[1].items() >= CAMERA_TAGS.items()

@@ -163,8 +163,8 @@ class Record:
     # always describe the output); equal to them otherwise.
     fetched_bytes: int | None = None
     fetched_sha256: str | None = None
-    # The original's EXIF tags as a JSON object text (``--save-exif``), None when not asked
-    # for or when the image has none.
+    # The original's EXIF tags as a JSON object text (``--save-exif``; ``{}`` when the image
+    # has none), None when not asked for.
     exif: str | None = None
     # Transient: the fetched (or processed) body waiting to be published. Never persisted.
     temp_path: str | None = None

@@ -51,7 +51,7 @@ SAMPLE_FIELDS: tuple[tuple[str, str], ...] = (
     ("sha256", "string"),
     ("content_type", "string"),
     ("http_status", "int32"),
-    ("exif", "string"),  # --save-exif: the original's EXIF tags as JSON text, else null
+    ("exif", "string"),  # --save-exif: the original's EXIF tags as JSON text ("{}": none)
 )
 #: Columns of every row: a sample or a failure (each shard's metadata lists both).
 ROW_FIELDS: tuple[tuple[str, str], ...] = (

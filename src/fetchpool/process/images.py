@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +153,7 @@ class ImageResult:
     image_format: str | None = None
     bytes: int = 0
     sha256: str | None = None
-    exif: str | None = None  # JSON object text (``save_exif``), None when absent or broken
+    exif: str | None = None  # JSON object text with ``save_exif`` (``{}``: none), else None
 
     @classmethod
     def failure(cls, code: ErrorCode, message: str) -> ImageResult:
@@ -738,37 +738,54 @@ def _encode(
     )
 
 
-def _exif_json(img: Image.Image) -> str | None:
+def _exif_json(img: Image.Image) -> str:
     """The image's EXIF tags as a JSON object text, as img2dataset's ``extract_exif``:
     ``{"Image Make": "Canon", "EXIF ExposureTime": "1/200", "GPS GPSLatitude": "[48, 51,
-    2979/100]", ...}``, every value a string. Bounded (see ``MAX_EXIF_*``) and never fatal:
-    a missing, oversized or broken block is None, and the image is processed as usual."""
+    2979/100]", ...}``, every value a string; ``{}`` when there is none.
+
+    Always a string, never None (a column of nulls and strings breaks ``datasets``' type
+    inference on WebDataset shards). Bounded (see ``MAX_EXIF_*``) and never fatal: an
+    oversized or unreadable block gives ``{}``, a broken sub-block (GPS, ...) leaves out its
+    tags only, and the image is processed as usual.
+    """
     raw = img.info.get("exif")
     if isinstance(raw, bytes) and len(raw) > MAX_EXIF_SOURCE:
-        return None
-    tags: dict[str, str] = {}
+        return "{}"
     try:
         exif = img.getexif()
-        used = 2  # the braces
-        for ifd, group, names in _EXIF_GROUPS:
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means no tags
+        return "{}"
+    tags: dict[str, str] = {}
+    room = [MAX_EXIF_JSON - 2]  # the braces
+    for ifd, group, names in _EXIF_GROUPS:
+        try:
             entries = exif if ifd is None else exif.get_ifd(ifd)
-            for tag, value in entries.items():
-                if tag in _EXIF_SKIPPED or not isinstance(tag, int):
-                    continue
-                key = f"{group} {names.get(tag) or f'Tag 0x{tag:04X}'}"
-                text = _exif_text(value)[:MAX_EXIF_VALUE]
-                used += len(json.dumps(key, ensure_ascii=False)) + 2
-                used += len(json.dumps(text, ensure_ascii=False))
-                if used > MAX_EXIF_JSON:
-                    return _dumps(tags)
-                tags[key] = text
-    except Exception:  # noqa: BLE001 - a broken EXIF block only means no exif
-        return None
-    return _dumps(tags)
+            if not _add_exif_tags(tags, entries, group, names, room):
+                break
+        except Exception:  # noqa: BLE001, S112 - a broken sub-block: its tags are left out
+            continue
+    return json.dumps(tags, ensure_ascii=False)
 
 
-def _dumps(tags: dict[str, str]) -> str | None:
-    return json.dumps(tags, ensure_ascii=False) if tags else None
+def _add_exif_tags(
+    tags: dict[str, str],
+    entries: Mapping[int, object],
+    group: str,
+    names: dict[int, str],
+    room: list[int],
+) -> bool:
+    """Add one group's tags while they fit in ``room[0]`` characters; False once full."""
+    for tag, value in entries.items():
+        if tag in _EXIF_SKIPPED or not isinstance(tag, int):
+            continue
+        key = f"{group} {names.get(tag) or f'Tag 0x{tag:04X}'}"
+        text = _exif_text(value)[:MAX_EXIF_VALUE]
+        cost = len(json.dumps(key, ensure_ascii=False)) + len(json.dumps(text, ensure_ascii=False))
+        room[0] -= cost + 2  # ": " or ", "
+        if room[0] < 0:
+            return False
+        tags[key] = text
+    return True
 
 
 def _exif_text(value: object) -> str:
