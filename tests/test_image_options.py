@@ -74,6 +74,8 @@ SIZES = [
     ((1, 300), 64, "center-crop", (64, 64)),
     ((300, 1), 64, "border", (64, 64)),
     ((7, 5), 3, "center-crop", (3, 3)),
+    ((640, 480), 480, "center-crop", (480, 480)),  # shorter side already 480: a plain crop
+    ((480, 640), 480, "border", (480, 480)),
     ((640, 480), 480, "keep-ratio", None),  # already the size: untouched (bytes kept)
     ((640, 480), 640, "keep-ratio-largest", None),
     ((640, 480), 64, "no", None),
