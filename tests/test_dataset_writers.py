@@ -182,6 +182,7 @@ def test_parquet_reads_back_with_pyarrow(out: Path) -> None:
         "content_type",
         "http_status",
         "fetched_sha256",
+        "exif",
         "caption",
         "score",
         "meta_url",

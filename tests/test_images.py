@@ -62,12 +62,15 @@ def jpeg(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("size", "mode", "expected"),
     [
-        ((800, 600), "keep-ratio", (256, 192)),
-        ((600, 800), "keep-ratio", (192, 256)),
+        ((800, 600), "keep-ratio", (341, 256)),  # shorter side to 256 (img2dataset)
+        ((600, 800), "keep-ratio", (256, 341)),
+        ((800, 600), "keep-ratio-largest", (256, 192)),  # longer side to 256
+        ((600, 800), "keep-ratio-largest", (192, 256)),
         ((800, 600), "center-crop", (256, 256)),
         ((600, 800), "center-crop", (256, 256)),
-        ((800, 600), "pad", (256, 256)),
-        ((100, 50), "keep-ratio", (256, 128)),  # upscaling allowed by default
+        ((800, 600), "border", (256, 256)),
+        ((100, 50), "keep-ratio", (512, 256)),  # upscaling allowed by default
+        ((100, 50), "keep-ratio-largest", (256, 128)),
     ],
 )
 def test_resize_modes_give_exact_sizes(
@@ -81,12 +84,14 @@ def test_resize_modes_give_exact_sizes(
     assert result.extension == ".png" and result.image_format == "PNG"
 
 
-def test_pad_fills_with_black_and_centres(tmp_path: Path) -> None:
-    src = _save(tmp_path / "src.png", Image.new("RGB", (400, 200), (250, 250, 250)), "PNG")
-    img = _opened(_run(src, tmp_path, resize=100, resize_mode="pad"))
+def test_border_fills_with_white_and_centres(tmp_path: Path) -> None:
+    src = _save(tmp_path / "src.png", Image.new("RGB", (400, 200), (20, 30, 40)), "PNG")
+    img = _opened(_run(src, tmp_path, resize=100, resize_mode="border"))
     assert img.size == (100, 100)
-    assert img.getpixel((50, 5)) == (0, 0, 0)  # band above
-    assert img.getpixel((50, 50)) == (250, 250, 250)  # the image itself
+    assert img.getpixel((50, 5)) == (255, 255, 255)  # band above, white as img2dataset
+    assert img.getpixel((50, 94)) == (255, 255, 255)  # band below
+    assert img.getpixel((50, 50)) == (20, 30, 40)  # the image itself (rows 25..74)
+    assert img.getpixel((50, 25)) == (20, 30, 40) and img.getpixel((50, 24)) == (255, 255, 255)
 
 
 def test_center_crop_keeps_the_middle(tmp_path: Path) -> None:
@@ -98,7 +103,7 @@ def test_center_crop_keeps_the_middle(tmp_path: Path) -> None:
     assert out.getpixel((25, 25)) == (0, 0, 255)
 
 
-@pytest.mark.parametrize("mode", ["keep-ratio", "center-crop", "pad"])
+@pytest.mark.parametrize("mode", ["keep-ratio", "keep-ratio-largest", "center-crop", "border"])
 def test_only_down_leaves_small_images_alone(tmp_path: Path, mode: str) -> None:
     src = _save(tmp_path / "src.png", _photo((120, 80)), "PNG")
     result = _run(src, tmp_path, resize=256, resize_mode=mode, resize_only_down=True)

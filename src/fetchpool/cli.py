@@ -235,11 +235,32 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.option("--resize", type=int, help="Target size in pixels.")
 @click.option(
     "--resize-mode",
-    default="keep-ratio",
+    default="keep-ratio-largest",
     show_default=True,
-    type=click.Choice(["keep-ratio", "center-crop", "pad", "no"]),
+    type=click.Choice(["keep-ratio", "keep-ratio-largest", "center-crop", "border", "no"]),
+    help="As img2dataset: keep-ratio: shorter side to SIZE; keep-ratio-largest: longer side "
+    "to SIZE; center-crop: SIZExSIZE middle; border: longer side to SIZE, padded white.",
 )
 @click.option("--resize-only-down", is_flag=True, help="Never upscale.")
+@click.option(
+    "--downsample-filter",
+    default="auto",
+    show_default=True,
+    type=click.Choice(
+        ["auto", "area", "box", "nearest", "bilinear", "hamming", "bicubic", "lanczos"]
+    ),
+    help="Resampling when shrinking; auto: reduced JPEG decode + lanczos (fastest), a named "
+    "filter decodes in full (area = box, img2dataset's default).",
+)
+@click.option(
+    "--upsample-filter",
+    default="auto",
+    show_default=True,
+    type=click.Choice(
+        ["auto", "area", "box", "nearest", "bilinear", "hamming", "bicubic", "lanczos"]
+    ),
+    help="Resampling when enlarging; auto: lanczos (img2dataset's default).",
+)
 @click.option(
     "--encode",
     type=click.Choice(["keep", "jpeg", "webp", "png"]),
@@ -248,6 +269,18 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--quality", default=90, show_default=True, help="JPEG/WebP quality.")
 @click.option("--min-size", type=int, help="Drop images whose smaller side is below this.")
+@click.option(
+    "--min-area", type=int, help="Drop images with fewer pixels (width x height) than this."
+)
+@click.option("--max-area", type=int, help="Drop images with more pixels than this.")
+@click.option(
+    "--max-aspect-ratio",
+    type=float,
+    help="Drop images whose longer side over shorter side is above this (e.g. 3).",
+)
+@click.option(
+    "--save-exif", is_flag=True, help="Keep the original's EXIF tags (JSON) in the metadata."
+)
 @click.option("--max-pixels", type=int, help="Decompression-bomb limit (pixels).")
 @click.option("--verify", is_flag=True, help="Check that every image decodes.")
 @click.option("--processes", type=int, help="CPU-stage processes (default: CPU count).")
@@ -376,6 +409,9 @@ def _options(kw: dict[str, Any]) -> Any:
         "hash",
         "verify_hash_column",
         "verify_hash_type",
+        "min_area",
+        "max_area",
+        "max_aspect_ratio",
     ):
         if kw.get(name) is None:
             kw.pop(name, None)

@@ -22,7 +22,23 @@ from fetchpool.redact import redact_text
 
 MiB = 1024 * 1024
 
-ResizeMode = Literal["no", "keep-ratio", "center-crop", "pad"]
+ResizeMode = Literal["no", "keep-ratio", "keep-ratio-largest", "center-crop", "border"]
+RESIZE_MODES: tuple[str, ...] = ("no", "keep-ratio", "keep-ratio-largest", "center-crop", "border")
+#: Resampling filters: Pillow's, plus ``area`` (img2dataset's name; Pillow's ``box``) and
+#: ``auto`` (downscale: JPEG draft + LANCZOS with a reducing gap; upscale: LANCZOS).
+ResampleFilter = Literal[
+    "auto", "nearest", "box", "area", "bilinear", "hamming", "bicubic", "lanczos"
+]
+RESAMPLE_FILTERS: tuple[str, ...] = (
+    "auto",
+    "nearest",
+    "box",
+    "area",
+    "bilinear",
+    "hamming",
+    "bicubic",
+    "lanczos",
+)
 Encode = Literal["keep", "jpeg", "webp", "png"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
 HashName = Literal["md5", "sha256", "sha512"]
@@ -359,7 +375,7 @@ class ImageConfig:
     DEFAULT_MAX_FRAMES = 100
 
     resize: int | None = None
-    resize_mode: ResizeMode = "keep-ratio"
+    resize_mode: ResizeMode = "keep-ratio-largest"
     resize_only_down: bool = False
     encode: Encode = "keep"
     quality: int = 90
@@ -367,6 +383,12 @@ class ImageConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # lower it, never raise it
     max_frames: int = DEFAULT_MAX_FRAMES
     verify: bool = False
+    downsample_filter: ResampleFilter = "auto"
+    upsample_filter: ResampleFilter = "auto"
+    max_aspect_ratio: float | None = None  # max(w, h) / min(w, h) above it fails
+    min_area: int | None = None  # pixels (w * h)
+    max_area: int | None = None
+    save_exif: bool = False  # the original's EXIF as JSON in the record
     processes: int | None = None  # None: os.cpu_count()
     item_timeout: float = 60.0
     memory_limit: int | None = 2048 * MiB  # per worker address space; None disables
@@ -378,14 +400,29 @@ class ImageConfig:
     def __post_init__(self) -> None:
         _check(self.resize is None or 1 <= self.resize <= 65535, "resize must be 1..65535")
         _check(
-            self.resize_mode in ("no", "keep-ratio", "center-crop", "pad"),
-            "resize_mode must be no|keep-ratio|center-crop|pad",
+            self.resize_mode in RESIZE_MODES,
+            f"--resize-mode must be one of {'|'.join(RESIZE_MODES)}",
         )
+        for name in ("downsample_filter", "upsample_filter"):
+            _check(
+                getattr(self, name) in RESAMPLE_FILTERS,
+                f"--{name.replace('_', '-')} must be one of {'|'.join(RESAMPLE_FILTERS)}",
+            )
         _check(self.encode in ("keep", "jpeg", "webp", "png"), "encode must be keep|jpeg|webp|png")
         _check(1 <= self.quality <= 100, "quality must be 1..100")
         _check(self.min_size is None or self.min_size >= 1, "min_size must be >= 1")
         _check(self.max_pixels >= 1, "max_pixels must be >= 1")
         _check(self.max_frames >= 1, "max_frames must be >= 1")
+        _check(
+            self.max_aspect_ratio is None or self.max_aspect_ratio >= 1,
+            "--max-aspect-ratio must be >= 1 (the longer side over the shorter)",
+        )
+        _check(self.min_area is None or self.min_area >= 1, "--min-area must be >= 1")
+        _check(self.max_area is None or self.max_area >= 1, "--max-area must be >= 1")
+        _check(
+            self.min_area is None or self.max_area is None or self.min_area <= self.max_area,
+            "--min-area must not be above --max-area",
+        )
         _check(self.processes is None or self.processes >= 1, "processes must be >= 1")
         _check(self.item_timeout > 0, "item_timeout must be > 0")
 
@@ -395,8 +432,9 @@ class ImageConfig:
 
         A lowered ``max_pixels`` or ``max_frames`` is asked-for work too: limits that only
         applied when some other option was given would let every image through unmeasured.
-        (Modifiers of other options, ``resize_only_down``, ``quality``, ``resize_mode``, do
-        nothing on their own: there is nothing to resize or re-encode.)
+        (Modifiers of other options, ``resize_only_down``, ``quality``, ``resize_mode``,
+        ``downsample_filter``, ``upsample_filter``, do nothing on their own: there is nothing
+        to resize or re-encode.)
         """
         return (
             (self.resize is not None and self.resize_mode != "no")
@@ -406,6 +444,10 @@ class ImageConfig:
             or self.max_pixels < self.DEFAULT_MAX_PIXELS
             or self.max_frames < self.DEFAULT_MAX_FRAMES
             or self.identify
+            or self.max_aspect_ratio is not None
+            or self.min_area is not None
+            or self.max_area is not None
+            or self.save_exif
         )
 
     @property

@@ -56,6 +56,9 @@ class ErrorCode(StrEnum):
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_SMALL = "image_too_small"
+    IMAGE_AREA_TOO_SMALL = "image_area_too_small"
+    IMAGE_AREA_TOO_LARGE = "image_area_too_large"
+    ASPECT_RATIO_TOO_LARGE = "aspect_ratio_too_large"
     PROCESS_FAILED = "process_failed"
     # local
     IO_ERROR = "io_error"
@@ -170,6 +173,9 @@ class Record:
     # Digests of what was downloaded too, when asked for (``--hash``, ``--verify-hash-type``).
     md5: str | None = None
     sha512: str | None = None
+    # The original's EXIF tags as a JSON object text (``--save-exif``; ``{}`` when the image
+    # has none), None when not asked for.
+    exif: str | None = None
     # Transient: the fetched (or processed) body waiting to be published. Never persisted.
     temp_path: str | None = None
     # Transient: the file extension chosen for the body (".jpg"), set by fetch or process.

@@ -33,7 +33,8 @@ import struct
 import zlib
 from typing import Final
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import ExifTags, Image, ImageDraw, ImageFilter
+from PIL.TiffImagePlugin import IFDRational
 
 __all__ = [
     "CONTENT_TYPES",
@@ -44,6 +45,7 @@ __all__ = [
     "jpeg_bytes",
     "payload_bytes",
     "payload_chunk",
+    "sized_image_bytes",
 ]
 
 #: Number of distinct base pictures drawn per seed.
@@ -71,6 +73,9 @@ _NOISE: Final = 0.07  # blend weight of uniform noise: what makes JPEG sizes pho
 _TAG_DIGITS: Final = 20  # fixed width of n in the WebP placeholder
 _WEBP_PLACEHOLDER: Final = b"fetchpool-origin n=" + b"X" * _TAG_DIGITS
 _PAYLOAD_BLOCK: Final = 64 * 1024
+#: Bounds of :func:`sized_image_bytes` (drawing is cheap, but the origin must stay small).
+MAX_SIZED_SIDE: Final = 20_000
+MAX_SIZED_PIXELS: Final = 4_000_000
 
 
 def normalize_ext(ext: str) -> str:
@@ -125,6 +130,56 @@ def payload_bytes(size: int, seed: int = 0) -> bytes:
 def payload_chunk(seed: int = 0) -> bytes:
     """The 64 KiB block that :func:`payload_bytes` repeats (the server streams it)."""
     return random.Random(f"payload-{seed}").randbytes(_PAYLOAD_BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def sized_image_bytes(
+    width: int, height: int, ext: str = "jpg", *, exif: bool = False, orientation: int = 1
+) -> bytes:
+    """A ``width`` x ``height`` gradient image (what ``/sized/{W}x{H}.{ext}`` serves).
+
+    ``exif`` adds a camera-like EXIF block (Make, Model, DateTimeOriginal, ExposureTime, GPS);
+    ``orientation`` (2..8) adds the EXIF orientation tag, so the upright size is swapped for
+    5..8. Raises ValueError outside ``MAX_SIZED_SIDE`` / ``MAX_SIZED_PIXELS``.
+    """
+    ext = normalize_ext(ext)
+    if not (1 <= width <= MAX_SIZED_SIDE and 1 <= height <= MAX_SIZED_SIDE):
+        raise ValueError(f"sides must be 1..{MAX_SIZED_SIDE}")
+    if width * height > MAX_SIZED_PIXELS:
+        raise ValueError(f"at most {MAX_SIZED_PIXELS:,} pixels")
+    if not 1 <= orientation <= 8:
+        raise ValueError("orientation must be 1..8")
+    picture = Image.merge(
+        "RGB",
+        (
+            Image.linear_gradient("L").resize((width, height)),
+            Image.linear_gradient("L").rotate(90).resize((width, height)),
+            Image.new("L", (width, height), 96),
+        ),
+    )
+    params: dict[str, object] = {}
+    if exif or orientation != 1:
+        params["exif"] = _sized_exif(width, height, exif, orientation).tobytes()
+    out = io.BytesIO()
+    fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
+    picture.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def _sized_exif(width: int, height: int, camera: bool, orientation: int) -> Image.Exif:
+    block = Image.Exif()
+    if orientation != 1:
+        block[ExifTags.Base.Orientation] = orientation
+    if camera:
+        block[ExifTags.Base.Make] = "fetchpool-origin"
+        block[ExifTags.Base.Model] = f"sized {width}x{height}"
+        details = block.get_ifd(ExifTags.IFD.Exif)
+        details[ExifTags.Base.DateTimeOriginal] = "2024:05:06 07:08:09"
+        details[ExifTags.Base.ExposureTime] = IFDRational(1, 200)
+        gps = block.get_ifd(ExifTags.IFD.GPSInfo)
+        gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+        gps[ExifTags.GPS.GPSLatitude] = (IFDRational(48), IFDRational(51), IFDRational(2979, 100))
+    return block
 
 
 # --- variants -----------------------------------------------------------------------------

@@ -17,6 +17,8 @@ path has no image index, default 0):
 ==============================  =================================================================
 ``/img/{n}.jpg|.png|.webp``     image ``n`` (``/img/{n}``: the JPEG, Content-Type image/jpeg)
 ``/small/{n}.jpg|.png|.webp``   a tiny version of image ``n`` (about 64x48 to 102x76)
+``/sized/{W}x{H}.jpg|.png|.webp`` a W x H gradient image (at most 4 Mpx); ``?exif=1`` adds a
+                                camera-like EXIF block, ``?orientation=K`` the EXIF orientation
 ``/bytes/{n}``                  ``n`` deterministic bytes, application/octet-stream
 ``/html`` (also ``/``)          a small text/html page linking a few images
 ``/headers``                    JSON object of the request headers (names lower-cased)
@@ -87,6 +89,7 @@ __all__ = ["ENDPOINTS", "Origin", "RequestLog", "image_url_for"]
 ENDPOINTS: Final = (
     ("/img/{n}.jpg|.png|.webp", "image n (/img/{n}: the JPEG)"),
     ("/small/{n}.jpg|.png|.webp", "tiny version of image n"),
+    ("/sized/{W}x{H}.jpg|.png|.webp", "W x H image; ?exif=1 adds EXIF, ?orientation=K"),
     ("/bytes/{n}", "n deterministic bytes"),
     ("/html", "small HTML page (also /)"),
     ("/headers", "JSON echo of the request headers"),
@@ -282,6 +285,7 @@ class _App:
             "": self._index,
             "img": self._img,
             "small": self._small,
+            "sized": self._sized,
             "bytes": self._bytes,
             "html": self._index,
             "headers": self._headers,
@@ -491,6 +495,27 @@ class _App:
             return await self._not_found(req, parts, writer)
         body = await self._image_body(n, ext, small)
         return await self._reply(writer, req, 200, body, content_type=images.CONTENT_TYPES[ext])
+
+    async def _sized(self, req: _Request, parts: list[str], writer: _Writer) -> bool:
+        stem, _, ext = parts[-1].partition(".") if len(parts) == 2 else ("", "", "")
+        width, _, height = stem.partition("x")
+        sides = (_index_or_none(width), _index_or_none(height))
+        if sides[0] is None or sides[1] is None:
+            return await self._not_found(req, parts, writer)
+        job = functools.partial(
+            images.sized_image_bytes,
+            sides[0],
+            sides[1],
+            ext or "jpg",
+            exif=req.arg("exif", 0) == 1,
+            orientation=int(req.arg("orientation", 1)),
+        )
+        try:  # drawn off the loop: up to 4 Mpx takes tens of milliseconds
+            body = await asyncio.get_running_loop().run_in_executor(None, job)
+        except ValueError:
+            return await self._not_found(req, parts, writer)
+        ctype = images.CONTENT_TYPES[images.normalize_ext(ext or "jpg")]
+        return await self._reply(writer, req, 200, body, content_type=ctype)
 
     async def _bytes(self, req: _Request, parts: list[str], writer: _Writer) -> bool:
         size = _index_or_none(parts[1]) if len(parts) == 2 else None

@@ -55,6 +55,7 @@ SAMPLE_FIELDS: tuple[tuple[str, str], ...] = (
     # md5 / sha512 when --hash (or --verify-hash-type) asks; ``sha256`` is of the sample.
     ("fetched_sha256", "string"),
     *((name, "string") for name in DOWNLOAD_DIGESTS),
+    ("exif", "string"),  # --save-exif: the original's EXIF tags as JSON text ("{}": none)
 )
 #: Columns of every row: a sample or a failure (each shard's metadata lists both).
 ROW_FIELDS: tuple[tuple[str, str], ...] = (

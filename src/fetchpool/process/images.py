@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from fetchpool import fsutil
 from fetchpool.config import ImageConfig
@@ -86,6 +87,49 @@ _EXIF_ORIENTATION = 0x0112
 #: non-JPEG downscales (no draft there) for 0.39/255 of difference.
 RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
+#: ``--downsample-filter`` / ``--upsample-filter`` names (``area`` is img2dataset's name for
+#: averaging, Pillow's BOX). ``auto`` is the fast path above for downscaling, LANCZOS for
+#: upscaling (img2dataset: cv2 INTER_AREA down, INTER_LANCZOS4 up).
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+#: Padding of ``border`` by mode: white as img2dataset (which mattes alpha on white first);
+#: where there is alpha, transparent white, so a JPEG of it (alpha composited on white) is
+#: img2dataset's result and a PNG or WebP keeps the image's own transparency.
+_BORDER_FILL: dict[str, int | tuple[int, ...]] = {
+    "L": 255,
+    "RGB": (255, 255, 255),
+    "RGBA": (255, 255, 255, 0),
+}
+
+# --save-exif bounds: a hostile file can carry a huge EXIF block (a PNG eXIf or WebP EXIF
+# chunk is limited only by --max-bytes; a JPEG's APP1 segment by 64 KiB).
+#: A raw EXIF block larger than this is not parsed: the item gets no ``exif``.
+MAX_EXIF_SOURCE = 1024 * 1024
+#: Characters of one value kept (longer ones are cut), and elements of a list value shown.
+MAX_EXIF_VALUE = 1024
+_MAX_EXIF_ITEMS = 256
+#: Characters of the whole JSON object; tags past it (in file order) are left out.
+MAX_EXIF_JSON = 16 * 1024
+#: EXIF groups as img2dataset (exifread) names them: "Image Make", "EXIF ExposureTime"...
+_EXIF_GROUPS: tuple[tuple[int | None, str, dict[int, str]], ...] = (
+    (None, "Image", ExifTags.TAGS),
+    (ExifTags.IFD.Exif, "EXIF", ExifTags.TAGS),
+    (ExifTags.IFD.GPSInfo, "GPS", ExifTags.GPSTAGS),
+    (ExifTags.IFD.Interop, "Interoperability", ExifTags.TAGS),
+    (ExifTags.IFD.IFD1, "Thumbnail", ExifTags.TAGS),
+)
+#: Offsets of sub-blocks (meaningless outside the file) and the maker's private, often large,
+#: binary note (exifread leaves it out too unless asked for details).
+_EXIF_SKIPPED = frozenset(
+    {ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, ExifTags.IFD.Interop, ExifTags.IFD.MakerNote}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +153,7 @@ class ImageResult:
     image_format: str | None = None
     bytes: int = 0
     sha256: str | None = None
+    exif: str | None = None  # JSON object text with ``save_exif`` (``{}``: none), else None
 
     @classmethod
     def failure(cls, code: ErrorCode, message: str) -> ImageResult:
@@ -137,12 +182,14 @@ def process_image(src_path: str, dst_dir: str, config: ImageConfig) -> ImageResu
     """Check, orient, resize and encode one image file; return the outcome as a value.
 
     The source file is never modified. Steps: open with the format allow list → header checks
-    (pixels, frames, ``min_size``) → decode: every frame when the original bytes may be kept
-    or ``verify`` is set, else the first frame, after a JPEG draft (DCT scaling to at least the
-    target size, the cheap part of a downscale) → EXIF orientation → resize (``RESAMPLE``) →
-    encode to a new temp file in ``dst_dir``. When nothing about the pixels changes and
+    (pixels, frames, ``min_size``, area, aspect ratio, the resized size) → decode: every frame
+    when the original bytes may be kept or ``verify`` is set, else the first frame, after a
+    JPEG draft (DCT scaling to at least the target size, the cheap part of a downscale;
+    ``auto`` filter only) → EXIF orientation → resize (``RESAMPLE`` or the filter asked for)
+    → encode to a new temp file in ``dst_dir``. When nothing about the pixels changes and
     ``encode="keep"``, the original bytes are kept (``temp_path=None``), but only after every
-    frame decoded: an ``ok`` always means the image is readable to its end.
+    frame decoded: an ``ok`` always means the image is readable to its end. With
+    ``save_exif`` the original's EXIF tags come back as JSON text (never fatal).
     """
     configure_pillow(config.max_pixels)
     src = Path(src_path)
@@ -221,7 +268,7 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
         with _reading(fmt):
             frames = _check_header(img, config)
             if config.header_only:  # identified, bounds checked: kept as it is, undecoded
-                return _kept(src, fmt, *img.size)
+                return _kept(src, fmt, *img.size, None)
             orientation = _header_orientation(img, fmt)
             width, height = _upright_size(img.size, orientation)
             target = _target_size(width, height, config)
@@ -230,16 +277,17 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
             if keep or config.verify:
                 _decode_all_frames(img, frames)  # the bytes kept must decode to their end
             else:
-                if target is not None and fmt in ("JPEG", "MPO"):
+                if target is not None and _drafts(fmt, target, config):
                     # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= the target size.
-                    img.draft("RGB", _stored_size(target[0], orientation))
+                    img.draft("RGB", _stored_size(target.resize_to, orientation))
                 img.load()
             if (found := _orientation(img)) != orientation:  # PNG eXIf after the pixel data
                 orientation, reoriented = found, True
                 width, height = _upright_size(img.size, orientation)
                 target = _target_size(width, height, config)
+        exif = _exif_json(img) if config.save_exif else None  # after the decode (PNG eXIf)
         if target is None and not reoriented and config.encode == "keep":
-            return _kept(src, fmt, width, height)
+            return _kept(src, fmt, width, height, exif)
         out = _normalize_mode(img)
         icc = img.info.get("icc_profile") if source_mode in ("RGB", "RGBA") else None
     if orientation in _TRANSPOSE:
@@ -247,7 +295,13 @@ def _process(src: Path, dst_dir: str, config: ImageConfig) -> ImageResult:
     if target is not None:
         out = _apply_resize(out, target, config)
     return _encode(
-        out, source_format=fmt, dst_dir=dst_dir, config=config, orig=(width, height), icc=icc
+        out,
+        source_format=fmt,
+        dst_dir=dst_dir,
+        config=config,
+        orig=(width, height),
+        icc=icc,
+        exif=exif,
     )
 
 
@@ -403,7 +457,32 @@ def _check_header(img: ImageFile.ImageFile, config: ImageConfig) -> int:
             ErrorCode.IMAGE_TOO_SMALL,
             f"{width}x{height} is smaller than the minimum side {config.min_size}",
         )
+    _check_shape(width, height, config)
     return frames
+
+
+def _check_shape(width: int, height: int, config: ImageConfig) -> None:
+    """The dataset filters on area and aspect ratio (img2dataset's ``max_image_area``,
+    ``max_aspect_ratio``). Both are the same for the stored and the upright size (an EXIF
+    rotation swaps width and height), so the header's size is the upright one's."""
+    area = width * height
+    if config.min_area is not None and area < config.min_area:
+        raise _Reject(
+            ErrorCode.IMAGE_AREA_TOO_SMALL,
+            f"{width}x{height} has {area:,} pixels, below --min-area {config.min_area:,}",
+        )
+    if config.max_area is not None and area > config.max_area:
+        raise _Reject(
+            ErrorCode.IMAGE_AREA_TOO_LARGE,
+            f"{width}x{height} has {area:,} pixels, above --max-area {config.max_area:,}",
+        )
+    ratio = max(width, height) / min(width, height)
+    if config.max_aspect_ratio is not None and ratio > config.max_aspect_ratio:
+        raise _Reject(
+            ErrorCode.ASPECT_RATIO_TOO_LARGE,
+            f"{width}x{height} has an aspect ratio of {ratio:.4g}, above --max-aspect-ratio "
+            f"{config.max_aspect_ratio:g}",
+        )
 
 
 def _frame_count(img: ImageFile.ImageFile) -> int:
@@ -453,29 +532,49 @@ def _stored_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return _upright_size(size, orientation)  # the swap is its own inverse
 
 
-_Target = tuple[tuple[int, int], tuple[int, int]]  # (resize the whole image to, final canvas)
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A resize: the whole image to ``resize_to``, then cropped or padded to ``canvas``."""
+
+    resize_to: tuple[int, int]
+    canvas: tuple[int, int]
+    downscale: bool  # the side matched to the size was larger than it (img2dataset's test)
+
+
+#: Modes that match the shorter side to the size (the others match the longer side).
+_SHORT_SIDE_MODES = frozenset({"keep-ratio", "center-crop"})
 
 
 def _target_size(width: int, height: int, config: ImageConfig) -> _Target | None:
     """Sizes for the configured resize, or None when the image is left at its size.
 
-    ``resize_only_down`` leaves an image alone entirely (no crop, no pad) when it already fits.
+    As img2dataset's resizer: ``keep-ratio`` and ``center-crop`` bring the shorter side to
+    the size (``center-crop`` then keeps the middle size x size), ``keep-ratio-largest`` and
+    ``border`` the longer side (``border`` then pads to size x size). ``resize_only_down``
+    leaves an image alone entirely (no crop, no pad) when that side is not above the size.
+    An output above the pixel limit (a 1x5000 strip with ``keep-ratio 256`` would be
+    256x1,280,000) is ``image_too_large`` before anything is decoded.
     """
     size = config.resize
     if size is None or config.resize_mode == "no":
         return None
-    if config.resize_mode == "center-crop":
-        covers = min(width, height) > size
-        target = _scale_side(width, height, size, longer=False), (size, size)
-    else:
-        covers = max(width, height) > size
-        fitted = _scale_side(width, height, size, longer=True)
-        canvas = (size, size) if config.resize_mode == "pad" else fitted
-        target = (fitted, canvas)
-    if config.resize_only_down and not covers:
+    short = config.resize_mode in _SHORT_SIDE_MODES
+    downscale = (min(width, height) if short else max(width, height)) > size
+    if config.resize_only_down and not downscale:
         return None
-    unchanged = target[0] == target[1] == (width, height)
-    return None if unchanged else target
+    resize_to = _scale_side(width, height, size, longer=not short)
+    square = config.resize_mode in ("center-crop", "border")
+    target = _Target(resize_to, (size, size) if square else resize_to, downscale)
+    if target.resize_to == target.canvas == (width, height):
+        return None
+    limit = min(config.max_pixels, PILLOW_MAX_PIXELS)
+    if target.canvas[0] * target.canvas[1] > limit:
+        raise _Reject(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{width}x{height} resized ({config.resize_mode} {size}) would be "
+            f"{target.canvas[0]}x{target.canvas[1]}, above the limit of {limit:,} pixels",
+        )
+    return target
 
 
 def _scale_side(width: int, height: int, size: int, *, longer: bool) -> tuple[int, int]:
@@ -483,6 +582,20 @@ def _scale_side(width: int, height: int, size: int, *, longer: bool) -> tuple[in
     if (width >= height) == longer:
         return size, max(1, round(height * size / width))
     return max(1, round(width * size / height)), size
+
+
+def _drafts(fmt: str, target: _Target, config: ImageConfig) -> bool:
+    """The JPEG DCT-scaling shortcut belongs to ``auto`` downscaling only: a filter asked for
+    by name gets a full decode, so its output is that filter's exact result."""
+    return fmt in ("JPEG", "MPO") and target.downscale and config.downsample_filter == "auto"
+
+
+def _resample(target: _Target, config: ImageConfig) -> tuple[Image.Resampling, float | None]:
+    """The filter and ``reducing_gap`` for this resize."""
+    name = config.downsample_filter if target.downscale else config.upsample_filter
+    if name == "auto":
+        return RESAMPLE, (REDUCING_GAP if target.downscale else None)
+    return _FILTERS[name], None
 
 
 def _decode_all_frames(img: ImageFile.ImageFile, frames: int) -> None:
@@ -495,7 +608,7 @@ def _decode_all_frames(img: ImageFile.ImageFile, frames: int) -> None:
         img.load()
 
 
-def _kept(src: Path, fmt: str, width: int, height: int) -> ImageResult:
+def _kept(src: Path, fmt: str, width: int, height: int, exif: str | None) -> ImageResult:
     with src.open("rb") as handle:  # streamed: the source may be up to max_bytes
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
         size = handle.tell()
@@ -509,6 +622,7 @@ def _kept(src: Path, fmt: str, width: int, height: int) -> ImageResult:
         image_format=fmt,
         bytes=size,
         sha256=digest,
+        exif=exif,
     )
 
 
@@ -538,7 +652,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _apply_resize(img: Image.Image, target: _Target, config: ImageConfig) -> Image.Image:
-    resize_to, canvas = target
+    resize_to, canvas = target.resize_to, target.canvas
+    resample, gap = _resample(target, config)
     if config.resize_mode == "center-crop" and resize_to != canvas:
         # Resample only the source region that survives the crop, straight to the canvas:
         # the same pixels as resize-then-crop, without resizing what is thrown away.
@@ -551,14 +666,16 @@ def _apply_resize(img: Image.Image, target: _Target, config: ImageConfig) -> Ima
             (left + canvas[0]) * scale_x,
             (top + canvas[1]) * scale_y,
         )
-        return img.resize(canvas, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        if img.size == resize_to:  # the shorter side is already the size: a plain crop
+            return img.crop((left, top, left + canvas[0], top + canvas[1]))
+        return img.resize(canvas, resample, box=box, reducing_gap=gap)
     out = img
     if img.size != resize_to:
-        out = img.resize(resize_to, RESAMPLE, reducing_gap=REDUCING_GAP)
+        out = img.resize(resize_to, resample, reducing_gap=gap)
     if resize_to == canvas:
         return out
-    # pad: black for opaque modes, transparent where there is alpha
-    background = Image.new(out.mode, canvas, 0)
+    # border: centred on white (transparent white where there is alpha), as img2dataset
+    background = Image.new(out.mode, canvas, _BORDER_FILL.get(out.mode, 0))
     background.paste(out, ((canvas[0] - resize_to[0]) // 2, (canvas[1] - resize_to[1]) // 2))
     return background
 
@@ -592,6 +709,7 @@ def _encode(
     config: ImageConfig,
     orig: tuple[int, int],
     icc: object,
+    exif: str | None,
 ) -> ImageResult:
     fmt = _output_format(source_format, config)
     img = _for_encoder(img, fmt)
@@ -616,7 +734,84 @@ def _encode(
         image_format=fmt,
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        exif=exif,
     )
+
+
+def _exif_json(img: Image.Image) -> str:
+    """The image's EXIF tags as a JSON object text, as img2dataset's ``extract_exif``:
+    ``{"Image Make": "Canon", "EXIF ExposureTime": "1/200", "GPS GPSLatitude": "[48, 51,
+    2979/100]", ...}``, every value a string; ``{}`` when there is none.
+
+    Always a string, never None (a column of nulls and strings breaks ``datasets``' type
+    inference on WebDataset shards). Bounded (see ``MAX_EXIF_*``) and never fatal: an
+    oversized or unreadable block gives ``{}``, a broken sub-block (GPS, ...) leaves out its
+    tags only, and the image is processed as usual.
+    """
+    raw = img.info.get("exif")
+    if isinstance(raw, bytes) and len(raw) > MAX_EXIF_SOURCE:
+        return "{}"
+    try:
+        exif = img.getexif()
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means no tags
+        return "{}"
+    tags: dict[str, str] = {}
+    room = [MAX_EXIF_JSON - 2]  # the braces
+    for ifd, group, names in _EXIF_GROUPS:
+        try:
+            entries = exif if ifd is None else exif.get_ifd(ifd)
+            if not _add_exif_tags(tags, entries, group, names, room):
+                break
+        except Exception:  # noqa: BLE001, S112 - a broken sub-block: its tags are left out
+            continue
+    return json.dumps(tags, ensure_ascii=False)
+
+
+def _add_exif_tags(
+    tags: dict[str, str],
+    entries: Mapping[int, object],
+    group: str,
+    names: dict[int, str],
+    room: list[int],
+) -> bool:
+    """Add one group's tags while they fit in ``room[0]`` characters; False once full."""
+    for tag, value in entries.items():
+        if tag in _EXIF_SKIPPED or not isinstance(tag, int):
+            continue
+        key = f"{group} {names.get(tag) or f'Tag 0x{tag:04X}'}"
+        text = _exif_text(value)[:MAX_EXIF_VALUE]
+        cost = len(json.dumps(key, ensure_ascii=False)) + len(json.dumps(text, ensure_ascii=False))
+        room[0] -= cost + 2  # ": " or ", "
+        if room[0] < 0:
+            return False
+        tags[key] = text
+    return True
+
+
+def _exif_text(value: object) -> str:
+    """One EXIF value as text: ratios as ``n/d``, lists as ``[a, b]``, text without NULs,
+    binary as hex; never more than about :data:`MAX_EXIF_VALUE` characters of work."""
+    if isinstance(value, str):
+        text = value.replace("\0", "").strip()
+        return text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
+    if isinstance(value, bytes):
+        data = value.rstrip(b"\0")[:MAX_EXIF_VALUE]
+        if data.isascii() and all(32 <= byte < 127 for byte in data):
+            return data.decode("ascii").strip()
+        return data[: MAX_EXIF_VALUE // 2].hex()
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_exif_text(item) for item in value[:_MAX_EXIF_ITEMS]) + "]"
+    return _exif_number(value)
+
+
+def _exif_number(value: object) -> str:
+    numerator = getattr(value, "numerator", None)
+    denominator = getattr(value, "denominator", None)
+    if isinstance(value, float) or not isinstance(numerator, int):
+        return str(value)[:MAX_EXIF_VALUE]
+    if denominator in (None, 1):
+        return str(numerator)
+    return f"{numerator}/{denominator}"
 
 
 def _write_temp(dst_dir: str, data: bytes) -> str:

@@ -507,6 +507,7 @@ def _apply(record: Record, result: ImageResult) -> None:
     record.orig_width = result.orig_width
     record.orig_height = result.orig_height
     record.image_format = result.image_format
+    record.exif = result.exif
 
 
 def _cancel(record: Record) -> None:

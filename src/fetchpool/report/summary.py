@@ -43,6 +43,9 @@ HINTS: dict[str, str] = {
         "the body is not an image Pillow can read (often an HTML page served with 200); "
         "dataset formats never store it as a sample"
     ),
+    "image_area_too_small": "the image has fewer pixels (width x height) than --min-area",
+    "image_area_too_large": "the image has more pixels (width x height) than --max-area",
+    "aspect_ratio_too_large": "the image is more elongated than --max-aspect-ratio allows",
     "connect_timeout": "no connection within --connect-timeout",
     "read_timeout": "the server went silent for longer than --read-timeout",
     "total_timeout": (

@@ -51,6 +51,7 @@ COLUMNS: dict[str, str] = {
     "fetched_sha256": "TEXT",
     "md5": "TEXT",
     "sha512": "TEXT",
+    "exif": "TEXT",  # JSON object text, as written (not decoded on read)
 }
 
 JSON_COLUMNS = frozenset({"meta", "redirects"})
@@ -193,6 +194,16 @@ def has_records(conn: sqlite3.Connection) -> bool:
     return row is not None
 
 
+def _select(conn: sqlite3.Connection) -> str:
+    """:data:`SELECT`, with NULL for columns a journal written by an older fetchpool lacks
+    (readers open it read-only, so it cannot gain them as a run's journal does)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    if present.issuperset(NAMES):
+        return SELECT
+    columns = (name if name in present else f"NULL AS {name}" for name in NAMES)
+    return f"SELECT {', '.join(columns)} FROM records"  # noqa: S608 - fixed column names
+
+
 def iter_rows(
     conn: sqlite3.Connection, status: Status | None, *, page: int = PAGE
 ) -> Iterator[tuple[Any, ...]]:
@@ -205,7 +216,7 @@ def iter_rows(
     if not has_records(conn):
         return
     where = "position > ?" + (" AND status = ?" if status is not None else "")
-    sql = f"{SELECT} WHERE {where} ORDER BY position LIMIT ?"
+    sql = f"{_select(conn)} WHERE {where} ORDER BY position LIMIT ?"
     last = -1
     while True:
         args: tuple[Any, ...] = (last, status.value, page) if status else (last, page)
