@@ -60,8 +60,10 @@ def _picture(size: tuple[int, int], seed: int) -> bytes:
             mdraw.polygon(pts, fill=alpha)
     # soft edges, as out-of-focus objects have; radius scales with the picture
     radius = max(1.0, w / 900)
-    img.paste(shapes.filter(ImageFilter.GaussianBlur(radius)), mask=mask.filter(
-        ImageFilter.GaussianBlur(radius)))
+    img.paste(
+        shapes.filter(ImageFilter.GaussianBlur(radius)),
+        mask=mask.filter(ImageFilter.GaussianBlur(radius)),
+    )
     pixels = np.asarray(img, dtype=np.int16)
     grain = rng.normal(0.0, 5.0, size=(h, w, 1)).astype(np.int16)
     pixels = np.clip(pixels + grain, 0, 255).astype(np.uint8)

@@ -108,7 +108,8 @@ def fetchpool_cmd(ctx: RunContext) -> list[str]:
 def wget2_cmd(ctx: RunContext) -> list[str]:
     return [
         "wget2",
-        "--quiet",
+        # W5: its normal output (one line per event, to a file), for its count of errors
+        "--quiet" if not ctx.web else "--no-quiet",
         "--no-config",
         "--no-robots",
         "--no-directories",
@@ -176,7 +177,8 @@ def curl_cmd(ctx: RunContext) -> list[str]:
 def aria2c_cmd(ctx: RunContext) -> list[str]:
     return [
         "aria2c",
-        "--quiet",
+        # W5: its "Download Results" table at exit, for its count of errors
+        "--quiet" if not ctx.web else "--console-log-level=error",
         "--input-file",
         str(ctx.urls_file),
         "--dir",
@@ -197,6 +199,8 @@ def aria2c_cmd(ctx: RunContext) -> list[str]:
             str(web.CONNECT_TIMEOUT_S),
             "--timeout",
             str(web.IDLE_TIMEOUT_S),  # aria2c has no total timeout per download
+            "--summary-interval=0",
+            "--show-console-readout=false",
             "--ca-certificate",
             str(ctx.ca_bundle),
         ]
