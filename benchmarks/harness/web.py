@@ -456,9 +456,10 @@ def reported_failures(tool: str, log_dir: Path, out: Path) -> int | None:
     """How many URLs the tool itself said failed (from its stderr / stats); None if unknown."""
     err = (log_dir / "stderr.txt").read_text(errors="replace") if log_dir.exists() else ""
     if tool == "curl":
-        return sum(1 for line in err.splitlines() if line.startswith("curl: ("))
+        # one "curl: (N) ..." per failed transfer, amid its parallel progress meter
+        return len(re.findall(r"curl: \(\d+\)", err))
     if tool == "wget2":  # its last line: "Downloaded: N files, S bytes, R redirects, E errors"
-        found = re.findall(r"^Downloaded: .*?(\d+) errors?$", err, re.M)
+        found = re.findall(r"^Downloaded: .*?(\d+) errors?$", err + "\n" + _stdout(log_dir), re.M)
         return int(found[-1]) if found else None
     if tool == "aria2c":  # its Download Results table
         return len(re.findall(r"^[0-9a-f]{6}\|ERR ", err + "\n" + _stdout(log_dir), re.M))
