@@ -461,8 +461,8 @@ def reported_failures(tool: str, log_dir: Path, out: Path) -> int | None:
     if tool == "wget2":  # its last line: "Downloaded: N files, S bytes, R redirects, E errors"
         found = re.findall(r"^Downloaded: .*?(\d+) errors?$", err + "\n" + _stdout(log_dir), re.M)
         return int(found[-1]) if found else None
-    if tool == "aria2c":  # its Download Results table
-        return len(re.findall(r"^[0-9a-f]{6}\|ERR ", err + "\n" + _stdout(log_dir), re.M))
+    if tool == "aria2c":  # an ERROR line per failed download (its results table stops at 1,000)
+        return len(re.findall(r"\] CUID#\d+ - Download aborted\.", err + "\n" + _stdout(log_dir)))
     if tool == "fetchpool":  # its journal
         db = out / ".fetchpool" / "state.db"
         if not db.exists():
