@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import env, profile, report
+from harness import env, profile, report, web
 from harness.env import RESULTS_DIR, WORK_DIR, log
 from harness.origin import start_origin
 from harness.tools import TOOLS, RunContext, fetchpool_cmd
@@ -87,6 +87,37 @@ def ensure_corpus(count: int, python: Path) -> dict[str, object]:
     return meta
 
 
+def ensure_big_photos(count: int) -> None:
+    """W6's camera-sized photos under the corpus folder (generated once, kept)."""
+    meta = load_json(CORPUS_DIR / "big-manifest.json")
+    if int(meta.get("count", 0)) >= count:  # type: ignore[call-overload]
+        return
+    log(f"generating {count} camera-sized photos (0.3-12 MP) into {CORPUS_DIR / 'big'}")
+    subprocess.run(
+        [
+            str(env.core_python()),
+            str(Path(__file__).parent / "harness" / "make_photos.py"),
+            str(CORPUS_DIR),
+            str(count),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _web_site(quick: bool, sha: dict[str, str]) -> tuple[web.WebSite | None, dict[str, int]]:
+    """W5's site (certificates, hosts file, nginx server blocks) and its good photos' sha256."""
+    why = web.can_wrap()
+    if why:
+        log(f"W5 needs a private /etc/hosts per tool run ({why}): W5 is skipped")
+        return None, {}
+    w = WORKLOADS["W5"]
+    site = web.build(w.n_quick if quick else w.n, w.hosts_quick if quick else w.hosts, CORPUS_DIR)
+    log(f"W5 site: {site.notes}")
+    good = {sha[f"photo/{i:05d}.jpg"]: i for i in site.good_photos()}
+    return site, good
+
+
 def fetchpool_ready() -> str | None:
     """None when `fetchpool get --help` works, else why not."""
     exe = env.fetchpool_exe()
@@ -117,6 +148,8 @@ def main(argv: list[str]) -> int:
         if any(w in WORKLOADS and WORKLOADS[w].kind == "photo" for w in args.workloads)
         else 1
     )
+    if "W5" in args.workloads:  # every W5 URL names a distinct corpus photo
+        photos = max(photos, WORKLOADS["W5"].n_quick if args.quick else WORKLOADS["W5"].n)
     meta = ensure_corpus(max(photos, 2000 if not args.quick else photos), env.core_python())
     sha = meta["sha256"]  # type: ignore[index]
     hashes = {
@@ -139,8 +172,14 @@ def main(argv: list[str]) -> int:
     results = load_json(results_path)
     results.setdefault("workloads", {})
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    site, good_hashes, extra_conf = None, {}, ""
+    if "W5" in args.workloads:
+        site, good_hashes = _web_site(args.quick, sha)  # type: ignore[arg-type]
+        extra_conf = (site.dir / "nginx-sites.conf").read_text() if site else ""
+    if "W6" in args.workloads:
+        ensure_big_photos(WORKLOADS["W6"].n_quick if args.quick else WORKLOADS["W6"].n)
     with start_origin(
-        CORPUS_DIR, env.core_python(), args.nginx_workers, args.fallback_origin
+        CORPUS_DIR, env.core_python(), args.nginx_workers, args.fallback_origin, extra_conf
     ) as origin:
         log(f"origin: {origin.label} at {origin.base_url}")
         for key in args.workloads:
@@ -150,18 +189,23 @@ def main(argv: list[str]) -> int:
                 )
                 continue
             w = WORKLOADS[key]
+            if w.kind == "web" and (site is None or "nginx" not in origin.label):
+                log(f"{key}: skipped (needs nginx and unshare: {web.can_wrap() or 'no nginx'})")
+                continue
             tools = [t for t in w.tools if not args.tools or t in args.tools] or list(w.tools)
             log(f"{key}: {w.title}{' (quick)' if args.quick else ''}; tools: {', '.join(tools)}")
             results["workloads"][key] = run_workload(  # type: ignore[index]
                 w,
                 origin,
-                hashes[w.kind],
+                hashes.get(w.kind, set()),
                 tools,
                 args.repeat,
                 args.quick,
                 peers_py,
                 out_root,
                 args.keep_outputs,
+                site if w.kind == "web" else None,
+                good_hashes if w.kind == "web" else None,
             )
         for key in args.profile:
             _profile(key, origin, peers_py, args.quick)

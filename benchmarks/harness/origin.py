@@ -79,8 +79,11 @@ http {{
         }}
         location = /health {{ return 200 "ok"; }}
         location = /nginx-status {{ stub_status; }}
+        location ~ "^/lat0/(big/\\d+\\.jpg)$" {{
+            alias {root}/$1;
+        }}
     }}
-}}
+{extra}}}
 """
 
 
@@ -155,7 +158,8 @@ def nginx_available() -> bool:
     return shutil.which("nginx") is not None and LUA_MODULE.exists() and NDK_MODULE.exists()
 
 
-def start_nginx(root: Path, workers: int = 1) -> Origin:
+def start_nginx(root: Path, workers: int = 1, extra: str = "") -> Origin:
+    """nginx on 127.0.0.1; ``extra`` is more http-block text (W5's server blocks)."""
     prefix = WORK_DIR / "nginx"
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -173,6 +177,7 @@ def start_nginx(root: Path, workers: int = 1) -> Origin:
             lua=LUA_MODULE,
             port=port,
             root=root.resolve(),
+            extra=extra,
         )
     )
     test = subprocess.run(
@@ -213,11 +218,11 @@ def start_fallback(root: Path, python: Path) -> Origin:
 
 
 def start_origin(
-    root: Path, python: Path, workers: int = 1, force_fallback: bool = False
+    root: Path, python: Path, workers: int = 1, force_fallback: bool = False, extra: str = ""
 ) -> Origin:
     if not force_fallback and nginx_available():
         try:
-            return start_nginx(root, workers)
+            return start_nginx(root, workers, extra)
         except RuntimeError as exc:
             log(f"nginx failed ({exc}); using the fallback origin")
     else:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import web
 from harness.env import BENCH_DIR, fetchpool_exe
 
 PEERS_DIR = BENCH_DIR / "peers"
@@ -30,6 +31,11 @@ class RunContext:
     resize: int | None = None  # W3: center-crop to this square size, JPEG out
     extra: dict[str, str] = field(default_factory=dict)
     fetch_processes: int = 1  # fetchpool only: processes sharing the same concurrency
+    # W5 (web-like): a per-host limit, the trust store with the local CA, and the same
+    # connect / idle / total timeouts and redirect policy for every tool (see harness/web.py)
+    per_host: int | None = None
+    ca_bundle: Path | None = None
+    web: bool = False
 
 
 @dataclass
@@ -65,10 +71,24 @@ def fetchpool_cmd(ctx: RunContext) -> list[str]:
         "--threads",
         str(ctx.concurrency),
         "--per-host",
-        str(ctx.concurrency),
+        str(ctx.per_host or ctx.concurrency),
         "--quiet",
         "--allow-private-networks",
     ]
+    if ctx.web:
+        # trust: SSL_CERT_FILE=ctx.ca_bundle in its environment (no CA option yet)
+        cmd += [
+            "--connect-timeout",
+            str(web.CONNECT_TIMEOUT_S),
+            "--read-timeout",
+            str(web.IDLE_TIMEOUT_S),
+            "--timeout",
+            str(web.TOTAL_TIMEOUT_S),
+            "--attempts",
+            "1",
+            "--max-redirects",
+            "10",
+        ]
     if ctx.fetch_processes > 1:
         cmd += ["--fetch-processes", str(ctx.fetch_processes)]
     if ctx.resize:
@@ -88,7 +108,8 @@ def fetchpool_cmd(ctx: RunContext) -> list[str]:
 def wget2_cmd(ctx: RunContext) -> list[str]:
     return [
         "wget2",
-        "--quiet",
+        # W5: its normal output (one line per event, to a file), for its count of errors
+        "--quiet" if not ctx.web else "--no-quiet",
         "--no-config",
         "--no-robots",
         "--no-directories",
@@ -100,7 +121,20 @@ def wget2_cmd(ctx: RunContext) -> list[str]:
         str(ctx.out_dir),
         "--input-file",
         str(ctx.urls_file),
-    ]
+    ] + (
+        [
+            "--connect-timeout",
+            str(web.CONNECT_TIMEOUT_S),
+            "--read-timeout",
+            str(web.IDLE_TIMEOUT_S),  # wget2 has no total timeout per file
+            "--max-redirect",
+            "10",
+            "--ca-certificate",
+            str(ctx.ca_bundle),
+        ]
+        if ctx.web
+        else []
+    )
 
 
 def curl_cmd(ctx: RunContext) -> list[str]:
@@ -119,13 +153,32 @@ def curl_cmd(ctx: RunContext) -> list[str]:
         "--remote-name-all",
         "--config",
         str(ctx.curl_config),
-    ]
+    ] + (
+        [
+            "--location",
+            "--max-redirs",
+            "10",
+            "--connect-timeout",
+            str(web.CONNECT_TIMEOUT_S),
+            "--speed-limit",  # the idle timeout: < 1 byte/s for IDLE s
+            "1",
+            "--speed-time",
+            str(web.IDLE_TIMEOUT_S),
+            "--max-time",
+            str(web.TOTAL_TIMEOUT_S),
+            "--cacert",
+            str(ctx.ca_bundle),
+        ]
+        if ctx.web
+        else []
+    )
 
 
 def aria2c_cmd(ctx: RunContext) -> list[str]:
     return [
         "aria2c",
-        "--quiet",
+        # W5: its "Download Results" table at exit, for its count of errors
+        "--quiet" if not ctx.web else "--console-log-level=error",
         "--input-file",
         str(ctx.urls_file),
         "--dir",
@@ -140,7 +193,20 @@ def aria2c_cmd(ctx: RunContext) -> list[str]:
         "--file-allocation=none",
         "--max-tries",
         "1",
-    ]
+    ] + (
+        [
+            "--connect-timeout",
+            str(web.CONNECT_TIMEOUT_S),
+            "--timeout",
+            str(web.IDLE_TIMEOUT_S),  # aria2c has no total timeout per download
+            "--summary-interval=0",
+            "--show-console-readout=false",
+            "--ca-certificate",
+            str(ctx.ca_bundle),
+        ]
+        if ctx.web
+        else []
+    )
 
 
 def _peer(script: str, with_concurrency: bool = True) -> Callable[[RunContext], list[str]]:
@@ -172,7 +238,7 @@ def img2dataset_cmd(ctx: RunContext) -> list[str]:
         "--number_sample_per_shard",
         str(per_shard),
         "--timeout",
-        "30",
+        str(web.IDLE_TIMEOUT_S) if ctx.web else "30",
         "--retries",
         "0",
         "--enable_wandb",
@@ -243,5 +309,10 @@ TOOLS: dict[str, Tool] = {
 }
 
 
-def tool_env(tool: Tool) -> dict[str, str]:
-    return {**os.environ, **tool.env}
+def tool_env(tool: Tool, ctx: RunContext | None = None) -> dict[str, str]:
+    extra = {}
+    if ctx is not None and ctx.ca_bundle is not None:
+        # the trust store of tools without a CA option (fetchpool, the Python peers):
+        # OpenSSL's default verify paths, and requests' own bundle setting
+        extra = {"SSL_CERT_FILE": str(ctx.ca_bundle), "REQUESTS_CA_BUNDLE": str(ctx.ca_bundle)}
+    return {**os.environ, **tool.env, **extra}

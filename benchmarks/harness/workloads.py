@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import measure
+from harness import measure, web
 from harness.env import WORK_DIR, log
 from harness.origin import Origin
 from harness.tools import TOOLS, RunContext, tool_env
@@ -32,19 +32,27 @@ class Workload:
     latency_ms: int
     concurrency: int
     tools: tuple[str, ...]
-    kind: str = "photo"  # photo: ~100 KB corpus photos; small: W4's ~4 KB files
+    # photo: ~100 KB corpus photos; small: W4's ~4 KB files; web: W5's site (harness/web.py);
+    # big: W6's camera-sized photos (harness/make_photos.py)
+    kind: str = "photo"
     resize: int | None = None
     processes: int = 1
     timeout_s: float = 600.0
     # fetchpool's --fetch-processes, as docs/performance.md advises for throughput-bound runs
     # (the concurrency, the number of connections, stays the same as every peer's).
     fetch_processes: int = 1
+    # W5: host names (full / quick) and the per-host limit every tool is given
+    hosts: int = 0
+    hosts_quick: int = 0
+    per_host: int | None = None
 
     def floor_s(self, n: int) -> float:
         """N·L/C: the wall time with infinitely fast client and server."""
         return n * self.latency_ms / 1000 / self.concurrency
 
     def rel(self, i: int) -> str:
+        if self.kind == "big":
+            return f"big/{i:05d}.jpg"
         return f"photo/{i:05d}.jpg" if self.kind == "photo" else f"small/s{i:06d}.jpg"
 
 
@@ -112,6 +120,33 @@ WORKLOADS: dict[str, Workload] = {
             timeout_s=900.0,
             fetch_processes=2,
         ),
+        Workload(
+            "W5",
+            "web-like: 2,000 URLs on 300 hosts (85% HTTPS), lognormal latency, errors, "
+            "redirects, stalls; concurrency 64, 16 per host",
+            2000,
+            400,
+            0,
+            64,
+            ("fetchpool", "wget2", "curl", "aria2c", "img2dataset"),
+            kind="web",
+            timeout_s=300.0,
+            hosts=300,
+            hosts_quick=100,
+            per_host=web.PER_HOST,
+        ),
+        Workload(
+            "W6",
+            "CPU, camera photos: 400 JPEGs of 0.3-12 MP center-cropped to 256 px, 2 processes",
+            400,
+            60,
+            0,
+            16,
+            ("fetchpool", "img2dataset"),
+            kind="big",
+            resize=256,
+            processes=2,
+        ),
     ]
 }
 
@@ -123,6 +158,8 @@ TARGETS = {
     "W2": "fetchpool ≤ 1.30 x curl",
     "W3": "fetchpool ≥ 5 x faster than img2dataset (same processes)",
     "W4": "fetchpool ≤ 1.3 x N·L/C and peak RSS ≤ 150 MB",
+    "W5": "fetchpool ≤ 1.10 x the fastest peer, nothing lost, no partial file left",
+    "W6": "fetchpool ≥ 3 x faster than img2dataset (same processes)",
     "startup": "fetchpool --help ≤ 0.3 s",
 }
 
@@ -142,6 +179,14 @@ def _summary(runs: list[dict[str, object]]) -> dict[str, object]:
             "maxrss_mb": max(float(r["maxrss_mb"]) for r in ok),  # type: ignore[arg-type]
             "tree_rss_mb": max(float(r["tree_rss_mb"]) for r in ok),  # type: ignore[arg-type]
         }
+        if "lost" in ok[0]:  # W5: what every run left behind (worst run shown)
+            summary |= {
+                "intact": min(int(r["intact"]) for r in ok),  # type: ignore[call-overload]
+                "lost": max(int(r["lost"]) for r in ok),  # type: ignore[call-overload]
+                "partial": max(int(r["partial"]) for r in ok),  # type: ignore[call-overload]
+                "reported": [r.get("reported") for r in ok],
+                "exit_codes": sorted({int(r["returncode"]) for r in ok}),  # type: ignore[call-overload]
+            }
         summary["other_cpu_s"] = max(float(r.get("other_cpu_s", 0)) for r in ok)  # type: ignore[arg-type]
         conns = [int(r["connections"]) for r in ok if "connections" in r]  # type: ignore[call-overload]
         if conns:
@@ -152,8 +197,13 @@ def _summary(runs: list[dict[str, object]]) -> dict[str, object]:
     return summary
 
 
-def _write_inputs(w: Workload, n: int, origin: Origin, wdir: Path) -> tuple[Path, Path]:
-    urls = [origin.url(w.latency_ms, w.rel(i)) for i in range(n)]
+def _write_inputs(
+    w: Workload, n: int, origin: Origin, wdir: Path, site: web.WebSite | None = None
+) -> tuple[Path, Path]:
+    if site is not None:
+        urls = [u.url for u in site.urls]
+    else:
+        urls = [origin.url(w.latency_ms, w.rel(i)) for i in range(n)]
     urls_file, curl_cfg = wdir / "urls.txt", wdir / "curl.cfg"
     urls_file.write_text("\n".join(urls) + "\n")
     curl_cfg.write_text("".join(f'url = "{u}"\n' for u in urls))
@@ -161,7 +211,13 @@ def _write_inputs(w: Workload, n: int, origin: Origin, wdir: Path) -> tuple[Path
 
 
 def _context(
-    w: Workload, urls_file: Path, n: int, out: Path, peers_python: Path | None, curl_cfg: Path
+    w: Workload,
+    urls_file: Path,
+    n: int,
+    out: Path,
+    peers_python: Path | None,
+    curl_cfg: Path,
+    site: web.WebSite | None = None,
 ) -> RunContext:
     """What a tool's command line is built from, for workload ``w``."""
     return RunContext(
@@ -174,6 +230,9 @@ def _context(
         w.processes,
         w.resize,
         fetch_processes=w.fetch_processes,
+        per_host=w.per_host,
+        ca_bundle=site.ca_bundle if site else None,
+        web=site is not None,
     )
 
 
@@ -187,17 +246,21 @@ def run_workload(
     peers_python: Path | None,
     out_root: Path,
     keep_outputs: bool = False,
+    site: web.WebSite | None = None,
+    good_hashes: dict[str, int] | None = None,
 ) -> dict[str, object]:
-    n = w.n_quick if quick else w.n
+    """Run every tool ``repeat`` times round-robin. W5 passes its ``site`` and the sha256 of
+    every photo that should be saved (``good_hashes``: sha256 -> photo number)."""
+    n = len(site.urls) if site else (w.n_quick if quick else w.n)
     wdir = WORK_DIR / "runs" / w.key
     shutil.rmtree(wdir, ignore_errors=True)
     wdir.mkdir(parents=True)
-    urls_file, curl_cfg = _write_inputs(w, n, origin, wdir)
+    urls_file, curl_cfg = _write_inputs(w, n, origin, wdir, site)
     results: dict[str, dict[str, object]] = {}
     runnable: list[str] = []
     for name in tools:
         tool = TOOLS[name]
-        ctx = _context(w, urls_file, n, wdir / "probe", peers_python, curl_cfg)
+        ctx = _context(w, urls_file, n, wdir / "probe", peers_python, curl_cfg, site)
         reason = tool.missing(ctx)
         if w.resize and not tool.supports_resize:
             reason = "cannot resize"
@@ -228,6 +291,8 @@ def run_workload(
                 peers_python,
                 out_root / w.key,
                 keep_outputs,
+                site,
+                good_hashes,
             )
             after = origin.connections()
             # CPU burnt by neither the tool, the origin nor us: other work on the machine
@@ -256,7 +321,9 @@ def run_workload(
         "concurrency": w.concurrency,
         "processes": w.processes,
         "resize": w.resize,
-        "floor_s": round(w.floor_s(n), 3),
+        "floor_s": round(site.floor_s(w.concurrency) if site else w.floor_s(n), 3),
+        "per_host": w.per_host,
+        "site": site.notes if site else None,
         "repeat": repeat,
         "origin": origin.label,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -276,20 +343,26 @@ def _one_run(
     peers_python: Path | None,
     out_parent: Path,
     keep_outputs: bool,
+    site: web.WebSite | None = None,
+    good_hashes: dict[str, int] | None = None,
 ) -> dict[str, object]:
     tool = TOOLS[name]
     out = out_parent / f"{name}-{round_no}"
     shutil.rmtree(out, ignore_errors=True)
-    ctx = _context(w, urls_file, n, out, peers_python, curl_cfg)
+    ctx = _context(w, urls_file, n, out, peers_python, curl_cfg, site)
     if name not in ("img2dataset",):
         out.mkdir(parents=True)  # img2dataset wants to create its folder itself
     os.sync()  # the previous run's writeback must not be billed to this one
+    cmd = tool.build(ctx)
+    log_dir = wdir / "logs" / f"{name}-{round_no}"
     m = measure.run(
-        tool.build(ctx),
-        wdir / "logs" / f"{name}-{round_no}",
-        env=tool_env(tool),
+        web.wrap(cmd, site) if site else cmd,
+        log_dir,
+        env=tool_env(tool, ctx),
         timeout_s=w.timeout_s,
     )
+    if site is not None:
+        return _web_record(w, name, round_no, m, out, log_dir, good_hashes or {}, keep_outputs)
     if m.returncode == 0 or m.timed_out:
         verdict = verify(out, n, hashes, w.resize, seed=round_no)
         ok, detail = verdict.ok and not m.timed_out, verdict.detail
@@ -304,6 +377,43 @@ def _one_run(
     log(
         f"{w.key} round {round_no + 1} {name:20s} {m.wall_s:8.3f}s  rss {m.tree_rss_mb:7.1f} MB"
         f"  {status}: {detail[:160]}"
+    )
+    if not keep_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def _web_record(
+    w: Workload,
+    name: str,
+    round_no: int,
+    m: measure.Measurement,
+    out: Path,
+    log_dir: Path,
+    good_hashes: dict[str, int],
+    keep_outputs: bool,
+) -> dict[str, object]:
+    """W5: every tool exits non-zero (404s, 500s, stalls are expected); a run counts when it
+    finished, and what it left is recorded: photos intact, lost, partial files, and how many
+    failures the tool itself reported."""
+    verdict = web.verify_web(out, good_hashes)
+    reported = web.reported_failures(name, log_dir, out)
+    detail = verdict.detail if not m.timed_out else f"timed out after {w.timeout_s:.0f}s"
+    record = m.to_dict() | {
+        "ok": not m.timed_out,
+        "count": verdict.intact,
+        "intact": verdict.intact,
+        "lost": verdict.lost,
+        "partial": verdict.partial,
+        "extra": verdict.extra,
+        "reported": reported,
+        "detail": detail,
+        "round": round_no,
+    }
+    record.pop("cmd")
+    log(
+        f"{w.key} round {round_no + 1} {name:20s} {m.wall_s:8.3f}s  rss {m.tree_rss_mb:7.1f} MB"
+        f"  exit {m.returncode}, reported {reported}: {detail[:160]}"
     )
     if not keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
