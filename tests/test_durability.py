@@ -111,6 +111,45 @@ def _outputs(out: Path, fmt: str) -> int:
     return len(shard_files(out))
 
 
+def _run_killed(
+    args: list[str],
+    tag: str,
+    log: Path,
+    run: int,
+    kind: str,
+    *,
+    out: Path,
+    fmt: str,
+    origin: Origin,
+    remaining: int,
+    rng: random.Random,
+) -> int:
+    """Start run ``run`` of ``fetchpool get args`` (stderr appended to ``log``), land the
+    kill ``kind`` (see :func:`_land_kill`), and return the exit status once it has ended."""
+    outputs_before = _outputs(out, fmt) if out.exists() else 0
+    origin.reset_counters()
+    with log.open("ab") as stderr:
+        stderr.write(f"--- run {run} ({kind})\n".encode())
+        stderr.flush()
+        proc = spawn_get(args, tag, stderr=stderr)
+    try:
+        _land_kill(
+            kind,
+            proc,
+            out=out,
+            fmt=fmt,
+            origin=origin,
+            remaining=remaining,
+            outputs_before=outputs_before,
+            rng=rng,
+        )
+    finally:
+        if proc.poll() is None:  # _land_kill raised
+            proc.kill()
+        proc.wait(timeout=60)
+    return proc.returncode
+
+
 def _land_kill(
     kind: str,
     proc: subprocess.Popen[bytes],
@@ -160,28 +199,18 @@ def test_case_39_43_kill_9_loop_converges_for_every_format_and_engine(
             if kills == len(KILL_PLAN):
                 break
             kind = KILL_PLAN[kills]
-            outputs_before = _outputs(out, fmt) if out.exists() else 0
-            origin.reset_counters()
-            with log.open("ab") as stderr:
-                stderr.write(f"--- run {run} ({kind})\n".encode())
-                stderr.flush()
-                proc = spawn_get(args, tag, stderr=stderr)
-            try:
-                _land_kill(
-                    kind,
-                    proc,
-                    out=out,
-                    fmt=fmt,
-                    origin=origin,
-                    remaining=remaining,
-                    outputs_before=outputs_before,
-                    rng=rng,
-                )
-            finally:
-                if proc.poll() is None:  # _land_kill raised
-                    proc.kill()
-                proc.wait(timeout=60)
-            code = proc.returncode
+            code = _run_killed(
+                args,
+                tag,
+                log,
+                run,
+                kind,
+                out=out,
+                fmt=fmt,
+                origin=origin,
+                remaining=remaining,
+                rng=rng,
+            )
             assert code in (0, -signal.SIGKILL), (
                 f"run {run} ({kind}) exited {code} by itself:\n{_tail(log)}"
             )
@@ -249,32 +278,23 @@ def test_case_39_43_after_kills_each_row_is_in_one_shards_metadata_with_matching
             if kills == len(METADATA_KILLS):
                 break
             kind = METADATA_KILLS[kills]
-            outputs_before = _outputs(out, fmt) if out.exists() else 0
             done = len(list(iter_journal(out))) if (out / ".fetchpool" / "state.db").exists() else 0
-            origin.reset_counters()
-            with log.open("ab") as stderr:
-                stderr.write(f"--- run {run} ({kind})\n".encode())
-                stderr.flush()
-                proc = spawn_get(args, tag, stderr=stderr)
-            try:
-                _land_kill(
-                    kind,
-                    proc,
-                    out=out,
-                    fmt=fmt,
-                    origin=origin,
-                    remaining=METADATA_ITEMS - done,
-                    outputs_before=outputs_before,
-                    rng=rng,
-                )
-            finally:
-                if proc.poll() is None:  # _land_kill raised
-                    proc.kill()
-                proc.wait(timeout=60)
-            assert proc.returncode in (0, 1, -signal.SIGKILL), _tail(log)
+            code = _run_killed(
+                args,
+                tag,
+                log,
+                run,
+                kind,
+                out=out,
+                fmt=fmt,
+                origin=origin,
+                remaining=METADATA_ITEMS - done,
+                rng=rng,
+            )
+            assert code in (0, 1, -signal.SIGKILL), _tail(log)
             assert wait_no_tagged_processes(tag, 10.0) == []
             check_after_kill(out, fmt)  # rows once in the metadata, stats match, samples once
-            if proc.returncode == -signal.SIGKILL:
+            if code == -signal.SIGKILL:
                 kills += 1
             else:  # got through before the kill: start over so the kills land mid-run
                 shutil.rmtree(out)
