@@ -20,9 +20,9 @@ from fetchpool.process.images import (
     MAX_EXIF_JSON,
     MAX_EXIF_SOURCE,
     MAX_EXIF_VALUE,
-    ImageResult,
-    process_image,
 )
+from image_helpers import opened as _opened
+from image_helpers import run_image as _run
 
 ORIENTATION = 0x0112
 
@@ -36,20 +36,6 @@ def _gradient(size: tuple[int, int]) -> Image.Image:
 def _png(path: Path, img: Image.Image, **params: Any) -> Path:
     img.save(path, "PNG", **params)
     return path
-
-
-def _run(src: Path, tmp_path: Path, **config: Any) -> ImageResult:
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    return process_image(str(src), str(out), ImageConfig(**config))
-
-
-def _opened(result: ImageResult) -> Image.Image:
-    assert result.ok, result
-    assert result.temp_path is not None
-    with Image.open(result.temp_path) as img:
-        img.load()
-        return img.copy()
 
 
 def _colours(img: Image.Image) -> set[Any]:

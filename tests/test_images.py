@@ -16,6 +16,8 @@ from PIL import Image, JpegImagePlugin
 from fetchpool.config import ImageConfig
 from fetchpool.models import ErrorCode
 from fetchpool.process.images import ImageResult, process_image
+from image_helpers import opened as _opened
+from image_helpers import run_image as _run
 
 
 def _photo(size: tuple[int, int]) -> Image.Image:
@@ -32,23 +34,6 @@ def _photo(size: tuple[int, int]) -> Image.Image:
 def _save(path: Path, img: Image.Image, fmt: str, **params: Any) -> Path:
     img.save(path, format=fmt, **params)
     return path
-
-
-def _run(src: Path, tmp_path: Path, **config: Any) -> ImageResult:
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    return process_image(str(src), str(out), ImageConfig(**config))
-
-
-def _opened(result: ImageResult) -> Image.Image:
-    """The output image, loaded and detached from its file (format kept)."""
-    assert result.ok, result
-    assert result.temp_path is not None
-    with Image.open(result.temp_path) as img:
-        img.load()
-        copy = img.copy()
-        copy.format = img.format
-    return copy
 
 
 @pytest.fixture
