@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -563,6 +564,30 @@ def test_a_schema_1_journal_gains_the_staged_table_and_input_columns(tmp_path: P
     conn = sqlite3.connect(db_path(out))
     assert conn.execute("SELECT count(*) FROM staged").fetchone() == (0,)
     conn.close()
+
+
+def test_a_schema_2_journal_gains_the_digest_exif_and_settings_columns(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Journal.open(out) as journal:
+        journal.put(ok_record(0))
+    conn = sqlite3.connect(db_path(out))
+    for table in ("records", "staged"):  # as a schema-2 journal has them
+        for name in ("md5", "sha512", "exif"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
+    conn.execute("ALTER TABLE runs DROP COLUMN settings")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Journal.open(out, settings={"hash": "md5"}) as journal:
+        record = ok_record(1)
+        record.md5 = "0" * 32
+        journal.put(record)
+    conn = sqlite3.connect(db_path(out))
+    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    (settings,) = conn.execute("SELECT settings FROM runs ORDER BY id DESC").fetchone()
+    conn.close()
+    assert json.loads(settings) == {"hash": "md5"}
+    assert [(r.position, r.md5) for r in iter_journal(out)] == [(0, None), (1, "0" * 32)]
 
 
 # ---------------------------------------------------------------- shards staged with their rows

@@ -15,8 +15,9 @@ from fetchpool.models import ErrorCode, Record, Status
 from fetchpool.redact import redact_url, redact_urls
 
 #: 2: the ``staged`` table (shards and their rows made durable together) and the input's
-#: name and size in ``runs``.
-SCHEMA_VERSION = 2
+#: name and size in ``runs``. 3: the ``md5``, ``sha512`` and ``exif`` columns and the run's
+#: ``settings``: an older fetchpool, which would write rows without them, refuses the journal.
+SCHEMA_VERSION = 3
 
 #: Record fields never persisted: they only live while an item is in flight.
 TRANSIENT = frozenset({"temp_path", "extension", "retry_after", "temp_synced", "moved_to"})
