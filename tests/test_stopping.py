@@ -145,13 +145,16 @@ def test_worker_processes_left_running_do_not_hang_interpreter_exit(tmp_path: Pa
     wait forever for a pool whose shutdown() never ran: fetchpool kills them at exit."""
     script = (
         "import threading\n"
+        "from functools import partial\n"
         "from fetchpool.config import FetchConfig\n"
-        "from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec\n"
+        "from fetchpool.engine.backends.processes import ProcessFetchPool, WorkerSpec\n"
+        "from fetchpool.engine.backends.shared import http_fetcher\n"
         "from fetchpool.models import Job\n"
         "if __name__ == '__main__':\n"
         "    answered = threading.Event()\n"
-        f"    pool = ProcessFetchPool(WorkerSpec(FetchConfig(), {str(tmp_path)!r}, None), 1,\n"
-        "                            lambda done: answered.set())\n"
+        "    fetcher = partial(http_fetcher, FetchConfig())\n"
+        f"    spec = WorkerSpec(FetchConfig(), {str(tmp_path)!r}, fetcher)\n"
+        "    pool = ProcessFetchPool(spec, 1, lambda done: answered.set())\n"
         # A job the guard refuses at once: its answer proves the worker is up (and ignoring
         # SIGTERM) before this process exits without shutdown().
         "    pool.submit(Job(0, 'http://127.0.0.1:9/x'))\n"

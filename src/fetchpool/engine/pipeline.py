@@ -5,8 +5,8 @@
     read_input ──▶ admit ──(bad line, done before, duplicate)──────────────────▶ finish
                      │
                      ▼ per-host queues (HostScheduler: per-host cap, rate, Retry-After)
-                   dispatch ──▶ TaskPool(threads) ── HttpFetcher.fetch(job): one attempt
-                                      │ on_done
+                   dispatch ──▶ FetchBackend (--engine: threads | processes) ── one attempt
+                                      │ on_done                 (Fetcher.fetch(job))
                                       ▼
                    events queue ◀── ImageStage (process pool), when images are processed
                      │
@@ -32,25 +32,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fetchpool import fsutil
 from fetchpool.config import Options
-from fetchpool.engine.fetchprocs import (
-    ProcessFetchPool,
-    PublishGate,
-    WorkerSpec,
-    fetch_and_publish,
-    publish,
+from fetchpool.engine.backends import (
+    BackendSetup,
+    FetchBackend,
+    FetcherFactory,
+    build_backend,
+    check_engine,
 )
+from fetchpool.engine.backends.shared import publish
 from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
 from fetchpool.errors import ConfigError, DiskFullError, FetchpoolError, OutputError
 from fetchpool.events import Broadcast, ItemFinished, Observer, RunFinished, RunStarted
 from fetchpool.models import BadInput, ErrorCode, Job, Record, Status
 from fetchpool.policies import RetriesExhausted, RetryPolicy
-from fetchpool.stages import Fetcher, Writer
+from fetchpool.stages import Writer
 from fetchpool.storage import Store, is_remote
 
 log = logging.getLogger("fetchpool")
@@ -63,9 +65,6 @@ ADMIT_BATCH = 256
 #: Threads that publish CPU-stage results: fsync + link are short and disk-bound; a few
 #: overlap them without taking fetch threads.
 PUBLISH_THREADS = 4
-
-#: Builds the fetcher of a run from the run's temp folder (``OUT/.fetchpool/tmp``).
-FetcherFactory = Callable[[Path], Fetcher]
 
 
 @dataclass(slots=True)
@@ -173,52 +172,6 @@ class _Open:
     parked: bool = False  # handed to a writer that makes it durable later (a shard)
 
 
-class _FetchPool(Protocol):
-    """Where fetch attempts run: threads here (:class:`_ThreadFetchPool`) or worker processes
-    (:class:`~fetchpool.engine.fetchprocs.ProcessFetchPool`); both report to ``on_done``."""
-
-    @property
-    def in_flight(self) -> int: ...
-
-    def submit(self, job: Job, label: str = "", attempt: int = 1) -> int: ...
-
-    def flush(self) -> None:
-        """Start what was submitted, if ``submit`` only queued it."""
-
-    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
-        """Stop: after the in-flight attempts are delivered, or dropping them (``cancel``);
-        ``wait=False`` (with ``cancel``) does not wait for attempts that cannot be stopped."""
-
-
-class _ThreadFetchPool:
-    def __init__(
-        self,
-        pool: TaskPool[Record],
-        attempt: Callable[[Job, int], Record],
-        gate: PublishGate | None,
-    ) -> None:
-        self._pool = pool
-        self._attempt = attempt
-        self._gate = gate
-
-    @property
-    def in_flight(self) -> int:
-        return self._pool.in_flight
-
-    def submit(self, job: Job, label: str = "", attempt: int = 1) -> int:
-        return self._pool.submit(self._attempt, job, attempt, label=label)
-
-    def flush(self) -> None:
-        """Nothing to do: a thread starts on its job when it is submitted."""
-
-    def shutdown(self, *, cancel: bool = False, wait: bool = True) -> None:
-        """Wait for the fetch threads; cancelling, publish nothing more first. With
-        ``wait=False`` the threads end their attempts (bounded by the timeouts) unheard."""
-        if cancel and self._gate is not None:
-            self._gate.close()
-        self._pool.shutdown(cancel=cancel, wait=wait or not cancel)
-
-
 class Pipeline:
     """One run over one output folder. Use :func:`download` unless you need ``stop()``."""
 
@@ -231,6 +184,7 @@ class Pipeline:
         observers: Iterable[Observer] = (),
         rng: random.Random | None = None,
     ) -> None:
+        check_engine(options.fetch, fetcher)
         self.out = out
         self.options = options
         self._custom_fetcher = fetcher
@@ -360,10 +314,8 @@ class Pipeline:
             self._publishers = TaskPool(
                 "threads", PUBLISH_THREADS, name="publish", on_done=self._published
             )
-        self._fetcher: Fetcher | None = None
-        self._gate: PublishGate | None = None
         self._cancelling = False
-        self._pool = self._make_fetch_pool()
+        self._pool = self._make_backend()
         cancel = False
         try:
             self._pump(items)
@@ -525,37 +477,27 @@ class Pipeline:
             self._pool.submit(entry.job, entry.host, entry.attempts)
         self._pool.flush()
 
-    def _make_fetch_pool(self) -> _FetchPool:
-        """Fetch threads in this process, or in ``fetch_processes`` worker processes."""
-        fetch = self.options.fetch
-        tmp = self.out / ".fetchpool" / "tmp"
-        if fetch.fetch_processes > 1 and self._custom_fetcher is None:
-            spec = WorkerSpec(
-                fetch,
-                str(tmp),
-                publish_to=str(self.out) if self._publish_in_fetch else None,
-                sidecar=self.options.output.sidecar,
-                caption_column=self.options.output.caption_column,
-                folder_size=self.options.output.folder_size,
-            )
-            return ProcessFetchPool(spec, fetch.fetch_processes, self._fetched)
-        fetcher = (self._custom_fetcher or self._make_fetcher)(tmp)
-        self._fetcher = fetcher
-        writer = self._writer if self._publish_in_fetch else None
-        threads: TaskPool[Record] = TaskPool(
-            "threads", fetch.threads, name="fetch", on_done=self._fetched
+    def _make_backend(self) -> FetchBackend:
+        """The fetch backend ``--engine`` names; with the files writer and no CPU stage,
+        it publishes each file itself (the pipeline's writer in-process, the same writer
+        built again in a worker process)."""
+        from fetchpool.outputs import make_writer
+
+        publishes = self._publish_in_fetch
+        setup = BackendSetup(
+            self.options.fetch,
+            self.out / ".fetchpool" / "tmp",
+            self._fetched,
+            fetcher=self._custom_fetcher,
+            writer=self._writer if publishes else None,
+            writer_factory=partial(make_writer, self.out, self.options.output)
+            if publishes
+            else None,
         )
-        gate = self._gate = PublishGate() if writer is not None else None
-        return _ThreadFetchPool(
-            threads,
-            lambda job, attempt: fetch_and_publish(fetcher, writer, job, gate, attempt),
-            gate,
-        )
+        return build_backend(setup)
 
     def _fetched(self, done: Done[Record]) -> None:
         self._events.put(("fetched", (done,)))
-        if self._gate is not None:
-            self._gate.delivered(done.value)
 
     def _published(self, done: Done[Record]) -> None:
         if done.value is not None:
@@ -754,21 +696,6 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _make_fetcher(self, tmp_dir: Path) -> Fetcher:
-        from fetchpool.fetch import AddressGuard, HttpFetcher
-
-        fetch = self.options.fetch
-        guard = AddressGuard(
-            allow_private_networks=fetch.allow_private_networks, allow_cidrs=fetch.allow_cidrs
-        )
-        return HttpFetcher(
-            fetch,
-            tmp_dir,
-            guard=guard,
-            sync_temp=self._publish_in_fetch,
-            hand_back_redirects=True,
-        )
-
     def _make_writer(self) -> Writer:
         from fetchpool.outputs import make_writer
 
@@ -811,8 +738,6 @@ class Pipeline:
             except OutputError as exc:  # the last shard is lost; its items are unfinished
                 self._stop_run("output_error", str(exc))
         finally:
-            if self._fetcher is not None:
-                self._fetcher.close()
             # Started and abandoned (a hurried stop, a lost last shard); items read but
             # never dispatched were not under way and are simply read again next time.
             self._report.unfinished += sum(
@@ -869,13 +794,16 @@ def download(
     of URLs or records. Options are the flat names of :class:`fetchpool.config.Options` and its
     stage configs (``threads=64``, ``per_host=16``, ``resize=256``, ``format="webdataset"``...).
     Re-running with the same ``out`` resumes: finished items are not fetched again.
-    ``fetcher`` replaces the HTTP client (e.g. ``lambda tmp: MockFetcher(handler, tmp)``).
+    ``fetcher`` replaces the HTTP client (e.g. ``lambda tmp: MockFetcher(handler, tmp)``);
+    with ``engine="processes"`` it is called in each worker process, so it must pickle (a
+    module-level function, or ``functools.partial`` of one).
     ``cluster`` (a ``distributed.Client``, ``"tcp://host:8786"`` or ``"local:N"``) spreads the
     run over Dask workers, the input cut into ``parts`` (docs/distributed.md); ``out`` (and
     ``source``) may then be an fsspec URL such as ``s3://bucket/ds``, with ``storage_options``.
     """
     cluster, parts = options.pop("cluster", None), options.pop("parts", None)
     opts = options.pop("options", None) or Options.from_kwargs(**options)
+    check_engine(opts.fetch)
     if cluster is not None:
         from fetchpool.cluster import download_on_cluster
 
