@@ -50,10 +50,10 @@ from fetchpool.engine.runner import Done, TaskPool
 from fetchpool.engine.scheduler import HostScheduler, host_key
 from fetchpool.errors import ConfigError, DiskFullError, FetchpoolError, OutputError
 from fetchpool.events import Broadcast, ItemFinished, Observer, RunFinished, RunStarted
-from fetchpool.models import BadInput, ErrorCode, Job, Record, Status
+from fetchpool.models import BadInput, ErrorCode, Job, Record, Report, Status
 from fetchpool.policies import RetriesExhausted, RetryPolicy
 from fetchpool.stages import Writer
-from fetchpool.storage import Store, is_remote
+from fetchpool.storage import is_remote
 
 log = logging.getLogger("fetchpool")
 
@@ -65,99 +65,6 @@ ADMIT_BATCH = 256
 #: Threads that publish CPU-stage results: fsync + link are short and disk-bound; a few
 #: overlap them without taking fetch threads.
 PUBLISH_THREADS = 4
-
-
-@dataclass(slots=True)
-class Report:
-    """What a run did. Partial failure is a value: the CLI maps it to an exit code."""
-
-    out: Path
-    counts: dict[str, int] = field(default_factory=dict)  # by status
-    errors: dict[str, int] = field(default_factory=dict)  # failed/skipped by error code
-    #: Failures of one code that call for different actions, by code then detail:
-    #: ``http_error`` by status ("404", "500"), ``total_timeout`` by whether the response head
-    #: had arrived ("no response", "in the body").
-    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
-    bytes: int = 0  # downloaded by this run (as fetched, before any CPU-stage work)
-    wall: float = 0.0
-    busy: float = 0.0  # sum of per-attempt fetch times
-    items: int = 0
-    resumed: int = 0  # items already finished by an earlier run, not touched this time
-    resumed_failed: int = 0  # of those, failures kept as they are (no --retry-failed)
-    resumed_errors: dict[str, int] = field(default_factory=dict)  # their error codes
-    interrupted: bool = False
-    fatal: str | None = None  # a run-level failure that stopped the run early
-    fatal_kind: str | None = None  # its stable word: "disk_full", "input_mismatch"
-    #: Items that were under way when the run stopped early (disk full, a stop, a worker
-    #: gone while stopping): not journaled, so the next run fetches them like any other.
-    unfinished: int = 0
-    #: A cluster run's destination (a local folder or an fsspec URL): where records() reads.
-    store: Store | None = None
-
-    @property
-    def ok(self) -> int:
-        return self.counts.get(Status.OK, 0)
-
-    @property
-    def failed(self) -> int:
-        return self.counts.get(Status.FAILED, 0)
-
-    @property
-    def skipped(self) -> int:
-        return self.counts.get(Status.SKIPPED, 0)
-
-    @property
-    def gain(self) -> float:
-        """Concurrency gain: sum of per-item times over wall time (the notebook's comparison)."""
-        return self.busy / self.wall if self.wall > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.fatal:
-            return 2
-        if self.interrupted:
-            return 130
-        return 1 if self.failed else 0
-
-    def records(self, status: Status | None = None) -> Iterator[Record]:
-        """Every per-item record of the output folder, from its journal (streamed); for a
-        cluster run, of every part, merged in position order, paths relative to the
-        destination."""
-        if self.store is not None:
-            from fetchpool.state.exported import iter_cluster_records
-
-            return iter_cluster_records(self.store, status=status)
-        from fetchpool.state.journal import iter_journal
-
-        return iter_journal(self.out, status=status)
-
-    def add(self, record: Record, *, resumed: bool = False) -> None:
-        self.items += 1
-        self.counts[record.status] = self.counts.get(record.status, 0) + 1
-        code = record.error_code
-        if code is not None:
-            self.errors[code] = self.errors.get(code, 0) + 1
-            detail = _detail(record)
-            if detail is not None:
-                counts = self.breakdown.setdefault(code, {})
-                counts[detail] = counts.get(detail, 0) + 1
-        if resumed:
-            self.resumed += 1
-            self.resumed_failed += record.status is Status.FAILED
-            if code is not None:
-                self.resumed_errors[code] = self.resumed_errors.get(code, 0) + 1
-        elif record.status is Status.OK:
-            fetched = record.fetched_bytes
-            self.bytes += record.bytes if fetched is None else fetched
-
-
-def _detail(record: Record) -> str | None:
-    """What tells apart failures of one code that need different actions (see ``breakdown``)."""
-    if record.error_code is ErrorCode.HTTP_ERROR and record.http_status is not None:
-        return str(record.http_status)
-    if record.error_code is ErrorCode.TOTAL_TIMEOUT:
-        return "no response" if record.http_status is None else "in the body"
-    return None
 
 
 @dataclass(slots=True)
@@ -195,7 +102,9 @@ class Pipeline:
         self._hurry = threading.Event()
         self._open: dict[str, _Open] = {}  # by URL: one fetch per URL, later copies wait
         self._open_items = 0
-        self._report = Report(out=out)
+        from fetchpool.state.journal import iter_journal
+
+        self._report = Report(out=out, source=partial(iter_journal, out))
 
     def stop(self, *, hurry: bool = False) -> None:
         """Ask the run to stop: no new work starts; finished work is kept. Thread-safe, and
