@@ -14,6 +14,7 @@ import pytest
 
 from fetchpool import Origin, Status, download, fsutil
 from fetchpool.config import Options
+from fetchpool.engine.loop import RunLoop
 from fetchpool.engine.pipeline import Pipeline
 from fetchpool.errors import OutputError
 from fetchpool.events import Event, ItemFinished
@@ -90,13 +91,13 @@ def test_a_graceful_stop_waits_without_spinning(
     """A retry due while the run settles after a stop must not turn the wait into a busy
     loop (it held the GIL against the fetch threads): the loop wakes about once a second."""
     calls = {"n": 0, "counting": False}
-    real_wait = Pipeline._wait_for_events
+    real_wait = RunLoop._wait_for_events
 
-    def counting(self: Pipeline, *args: object, **kwargs: object) -> None:
+    def counting(self: RunLoop, *args: object, **kwargs: object) -> None:
         calls["n"] += calls["counting"]
         real_wait(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Pipeline, "_wait_for_events", counting)
+    monkeypatch.setattr(RunLoop, "_wait_for_events", counting)
     urls = [origin.url("/status/503?retry_after=1")]
     urls += [origin.image_url(i) + "?latency=2" for i in range(3)]
     options = Options.from_kwargs(threads=8, backoff_base=0.05, backoff_max=0.1, **LOOPBACK)

@@ -326,6 +326,12 @@ class Report:
             raise ValueError(f"this report of {self.out} has no records source to read")
         return self.source(status=status)
 
+    def fail_run(self, kind: str, reason: str) -> None:
+        """A run-level failure (``kind``: its stable word): the first one is kept."""
+        if self.fatal is None:
+            self.fatal = reason
+            self.fatal_kind = kind
+
     def add(self, record: Record, *, resumed: bool = False) -> None:
         self.items += 1
         self.counts[record.status] = self.counts.get(record.status, 0) + 1
