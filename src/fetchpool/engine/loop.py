@@ -274,15 +274,8 @@ class RunLoop:
             self._move(entry, record)
             return
         record.attempts = entry.attempts
-        if record.error_code is ErrorCode.DISK_FULL:
-            self._fatal(record, record.error_message or "disk full")
-            return
-        if record.error_code is ErrorCode.CANCELLED or (
-            self._stop.is_set() and record.error_code is ErrorCode.INTERNAL_ERROR
-        ):
-            # Cut short by the stop (or its worker process gone while stopping): an
-            # interrupted item is not a failed one; the next run fetches it.
-            self._drop(record)
+        # A fetch worker process gone while stopping gives internal_error.
+        if self._cut_short(record, ErrorCode.INTERNAL_ERROR):
             return
         if record.status is not Status.OK:
             self._retry_or_finish(entry, record, now)
@@ -340,14 +333,8 @@ class RunLoop:
         publishes it here; with the other plans it was published already (in fetch, or by a
         publisher thread), and the files writer's ``write`` only notes its folder for the next
         sync (its ``temp_path`` is gone)."""
-        if record.error_code is ErrorCode.DISK_FULL:
-            self._fatal(record, record.error_message or "disk full")
-            return
-        if record.error_code is ErrorCode.CANCELLED or (
-            self._stop.is_set() and record.error_code is ErrorCode.PROCESS_FAILED
-        ):
-            # The CPU stage was cancelled, or its workers went down with the stop.
-            self._drop(record)
+        # CPU-stage workers gone down with the stop give process_failed.
+        if self._cut_short(record, ErrorCode.PROCESS_FAILED):
             return
         if record.status is not Status.OK:
             self._finish_open(record)
@@ -371,6 +358,20 @@ class RunLoop:
                 self._finish(waiter)
         for done in durable:
             self._finish_open(done, durable=True)
+
+    def _cut_short(self, record: Record, lost: ErrorCode) -> bool:
+        """Handle an item that a full disk or the stop cut short, and say so. ``lost`` is
+        the code its stage gives when its workers went down with the stop: an interrupted
+        item is not a failed one, so it is dropped, and the next run fetches it."""
+        if record.error_code is ErrorCode.DISK_FULL:
+            self._fatal(record, record.error_message or "disk full")
+            return True
+        if record.error_code is ErrorCode.CANCELLED or (
+            self._stop.is_set() and record.error_code is lost
+        ):
+            self._drop(record)
+            return True
+        return False
 
     def _finish_open(self, record: Record, *, durable: bool = False) -> None:
         """``record`` is final for its open item (``durable``: the writer just published it,
