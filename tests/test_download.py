@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engines import ENGINES
 from fetchpool import ErrorCode, Status, download
 from fetchpool.origin import Origin
 
@@ -235,13 +236,14 @@ def test_loopback_is_blocked_unless_allowed(origin: Origin, tmp_path: Path) -> N
     assert origin.requests() == []
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fmt", ["files", "webdataset"])
-def test_fetch_worker_processes_give_the_same_result(
-    origin: Origin, tmp_path: Path, fmt: str
+def test_every_engine_gives_the_same_result(
+    origin: Origin, tmp_path: Path, fmt: str, engine: str
 ) -> None:
     out = tmp_path / "out"
     urls = [origin.image_url(n) for n in range(30)] + [origin.url("/status/404")]
-    report = download(urls, out, threads=8, fetch_processes=2, format=fmt, shard_size=7, **LOOPBACK)
+    report = download(urls, out, threads=8, engine=engine, format=fmt, shard_size=7, **LOOPBACK)
     assert report.ok == 30 and report.errors == {"http_error": 1}
     workers = {r.worker for r in report.records(Status.OK)}
     assert workers and all(w and w.startswith("fetch") for w in workers)
@@ -254,7 +256,7 @@ def test_fetch_worker_processes_give_the_same_result(
     assert not list((out / ".fetchpool" / "tmp").iterdir())
     # Resume works the same: nothing is fetched again.
     before = len(origin.requests("/img/"))
-    again = download(urls, out, threads=8, fetch_processes=2, format=fmt, shard_size=7, **LOOPBACK)
+    again = download(urls, out, threads=8, engine=engine, format=fmt, shard_size=7, **LOOPBACK)
     assert again.resumed == 31 and len(origin.requests("/img/")) == before
 
 

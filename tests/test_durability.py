@@ -58,6 +58,7 @@ from durability_helpers import (
     wait_tagged_processes,
     write_urls,
 )
+from engines import ENGINES, engine_args
 from fetchpool import Origin, Status
 from fetchpool.state.journal import iter_journal
 from reliability_helpers import final_files, leftovers, sha
@@ -257,7 +258,7 @@ METADATA_KILLS = ("early", "mid", "late", "mid", "late", "late")
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("engine", [(), FETCH_PROCESSES], ids=["threads", "fetch-processes"])
+@pytest.mark.parametrize("engine", [engine_args(e) for e in ENGINES], ids=ENGINES)
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_case_39_43_after_kills_each_row_is_in_one_shards_metadata_with_matching_stats(
     tmp_path: Path, tag: str, fmt: str, engine: tuple[str, ...]

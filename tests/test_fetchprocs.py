@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
-from fetchpool.engine.fetchprocs import _Outbox
+from fetchpool.engine.backends.processes import _Outbox
 from fetchpool.models import Record, TaskRecord
 
 

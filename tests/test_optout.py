@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import ENGINES, engine_args
 from fetchpool import download
 from fetchpool.config import DEFAULT_DISALLOWED_HEADER_DIRECTIVES, FetchConfig, Options
 from fetchpool.errors import ConfigError
@@ -272,13 +273,13 @@ def _saved(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != ".fetchpool")
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_cli_opted_out_items_are_not_saved(origin: Origin, tmp_path: Path, processes: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cli_opted_out_items_are_not_saved(origin: Origin, tmp_path: Path, engine: str) -> None:
     urls = _urls(origin)
     source = tmp_path / "urls.txt"
     source.write_text("".join(f"{url}\n" for url in urls))
     out = tmp_path / "out"
-    common = ["--allow-private-networks", "--fetch-processes", processes, "--threads", "4"]
+    common = ["--allow-private-networks", *engine_args(engine), "--threads", "4"]
     result = _run(source, "-o", out, *common)
     assert result.returncode == 1, result.stderr
     assert "opted_out      4" in result.stderr

@@ -397,3 +397,25 @@ def test_a_changed_bad_line_is_a_different_input_too(tmp_path: Path) -> None:
     report = download([urls(1)[0], "still not a url"], out, fetcher=ok)
     assert report.fatal_kind == "input_mismatch" and "item 1" in (report.fatal or "")
     assert [r.url for r in report.records()] == [urls(1)[0], "not a url"]
+
+
+def test_the_loop_schedules_by_its_injected_clock(tmp_path: Path) -> None:
+    """A Retry-After of ten minutes costs no real waiting when the loop's clock runs fast:
+    backoff and Retry-After are scheduled by the injected clock, never by sleeping."""
+    calls: Counter[str] = Counter()
+
+    def handler(job: Job) -> MockResponse:
+        calls[job.url] += 1
+        if calls[job.url] == 1:
+            return MockResponse(status=503, headers={"Retry-After": "600"})
+        return MockResponse(body=JPEG)
+
+    ticks = itertools.count()
+    options = Options.from_kwargs(retry_after_max=600.0, backoff_base=0.0)
+    pipeline = Pipeline(
+        tmp_path / "out", options, fetcher=fake(handler), clock=lambda: 100.0 * next(ticks)
+    )
+    started = time.monotonic()
+    report = pipeline.run(urls(2))
+    assert report.ok == 2 and set(calls.values()) == {2}
+    assert time.monotonic() - started < 60, "the ten minutes passed on the injected clock"

@@ -35,3 +35,30 @@ def test_import_and_help_do_not_load_heavy_modules() -> None:
 
 def test_all_matches_the_lazy_export_table() -> None:
     assert set(fetchpool.__all__) == set(fetchpool._EXPORTS)
+
+
+def test_report_lives_in_the_models_and_stays_importable_where_it_was() -> None:
+    from fetchpool.engine.pipeline import Report as from_pipeline
+    from fetchpool.models import Report
+
+    assert fetchpool.Report is Report is from_pipeline
+
+
+def test_the_models_import_nothing_else_from_the_package() -> None:
+    """models is the bottom layer (docs/architecture.md): a report reads its records through
+    the source its builder attaches, never through state/ or storage."""
+    import ast
+    from pathlib import Path
+
+    import fetchpool.models
+
+    tree = ast.parse(Path(fetchpool.models.__file__).read_text())
+    imported = {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not [name for name in imported if name.split(".")[0] == "fetchpool"]

@@ -14,6 +14,7 @@ import pytest
 
 from fetchpool import Origin, Status, download, fsutil
 from fetchpool.config import Options
+from fetchpool.engine.loop import RunLoop
 from fetchpool.engine.pipeline import Pipeline
 from fetchpool.errors import OutputError
 from fetchpool.events import Event, ItemFinished
@@ -90,13 +91,13 @@ def test_a_graceful_stop_waits_without_spinning(
     """A retry due while the run settles after a stop must not turn the wait into a busy
     loop (it held the GIL against the fetch threads): the loop wakes about once a second."""
     calls = {"n": 0, "counting": False}
-    real_wait = Pipeline._wait_for_events
+    real_wait = RunLoop._wait_for_events
 
-    def counting(self: Pipeline, *args: object, **kwargs: object) -> None:
+    def counting(self: RunLoop, *args: object, **kwargs: object) -> None:
         calls["n"] += calls["counting"]
         real_wait(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Pipeline, "_wait_for_events", counting)
+    monkeypatch.setattr(RunLoop, "_wait_for_events", counting)
     urls = [origin.url("/status/503?retry_after=1")]
     urls += [origin.image_url(i) + "?latency=2" for i in range(3)]
     options = Options.from_kwargs(threads=8, backoff_base=0.05, backoff_max=0.1, **LOOPBACK)
@@ -145,13 +146,16 @@ def test_worker_processes_left_running_do_not_hang_interpreter_exit(tmp_path: Pa
     wait forever for a pool whose shutdown() never ran: fetchpool kills them at exit."""
     script = (
         "import threading\n"
+        "from functools import partial\n"
         "from fetchpool.config import FetchConfig\n"
-        "from fetchpool.engine.fetchprocs import ProcessFetchPool, WorkerSpec\n"
+        "from fetchpool.engine.backends.processes import ProcessFetchPool, WorkerSpec\n"
+        "from fetchpool.engine.backends.shared import http_fetcher\n"
         "from fetchpool.models import Job\n"
         "if __name__ == '__main__':\n"
         "    answered = threading.Event()\n"
-        f"    pool = ProcessFetchPool(WorkerSpec(FetchConfig(), {str(tmp_path)!r}, None), 1,\n"
-        "                            lambda done: answered.set())\n"
+        "    fetcher = partial(http_fetcher, FetchConfig())\n"
+        f"    spec = WorkerSpec(FetchConfig(), {str(tmp_path)!r}, fetcher)\n"
+        "    pool = ProcessFetchPool(spec, 1, lambda done: answered.set())\n"
         # A job the guard refuses at once: its answer proves the worker is up (and ignoring
         # SIGTERM) before this process exits without shutdown().
         "    pool.submit(Job(0, 'http://127.0.0.1:9/x'))\n"

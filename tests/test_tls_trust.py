@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import ENGINES, engine_args
 from fetchpool import download
 from fetchpool.config import FetchConfig, Options
 from fetchpool.errors import ConfigError
@@ -240,11 +241,11 @@ def _manifest(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_cli_private_ca(pki: Pki, tls_origin: Origin, tmp_path: Path, processes: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cli_private_ca(pki: Pki, tls_origin: Origin, tmp_path: Path, engine: str) -> None:
     source = tmp_path / "urls.txt"
     source.write_text("".join(f"{tls_origin.image_url(n)}\n" for n in range(6)))
-    common = ["--allow-private-networks", "--fetch-processes", processes, "--threads", "4"]
+    common = ["--allow-private-networks", *engine_args(engine), "--threads", "4"]
 
     untrusted = _get(source, "-o", tmp_path / "a", *common)
     assert untrusted.returncode == 1, untrusted.stderr

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fetchpool.config import FetchConfig, ImageConfig, Options, OutputConfig
-    from fetchpool.engine.pipeline import Pipeline, Report, download
+    from fetchpool.engine.pipeline import Pipeline, download
     from fetchpool.engine.runner import Done, Run, TaskPool, run
     from fetchpool.errors import (
         ConfigError,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
     from fetchpool.events import ItemFinished, Observer, RunFinished, RunStarted
     from fetchpool.fetch import HttpFetcher, MockFetcher, MockResponse
-    from fetchpool.models import ErrorCode, Job, Record, Status, TaskRecord
+    from fetchpool.models import ErrorCode, Job, Record, Report, Status, TaskRecord
     from fetchpool.origin import Origin
 
 _EXPORTS = {
@@ -57,7 +57,7 @@ _EXPORTS = {
     "Pipeline": "fetchpool.engine.pipeline",
     "ProcessError": "fetchpool.errors",
     "Record": "fetchpool.models",
-    "Report": "fetchpool.engine.pipeline",
+    "Report": "fetchpool.models",
     "Run": "fetchpool.engine.runner",
     "RunFinished": "fetchpool.events",
     "RunStarted": "fetchpool.events",

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from fetchpool._version import __version__
+from fetchpool.engine.backends import BACKENDS
 
 EXIT_OK, EXIT_FAILED, EXIT_RUN_ERROR = 0, 1, 2
 
@@ -157,10 +158,16 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 )
 @click.option("--threads", default=32, show_default=True, help="Fetch threads.")
 @click.option(
+    "--engine",
+    type=click.Choice(list(BACKENDS)),
+    help="Where fetches run: threads (in this process) or processes (--fetch-processes "
+    "workers). [default: processes with --fetch-processes 2+, else threads]",
+)
+@click.option(
     "--fetch-processes",
-    default=1,
-    show_default=True,
-    help="Processes sharing the threads; 2+ uses more cores on fast networks.",
+    type=int,
+    help="Processes sharing the threads; 2+ uses more cores on fast networks. "
+    "[default: 1; 2 with --engine processes]",
 )
 @click.option("--per-host", default=8, show_default=True, help="Concurrent fetches per host.")
 @click.option("--rate-per-host", type=float, help="Requests per second per host.")
@@ -395,6 +402,8 @@ def _options(kw: dict[str, Any]) -> Any:
     kw["format"] = kw.pop("output_format")
     kw["allow_cidrs"] = tuple(kw["allow_cidrs"])
     for name in (
+        "engine",
+        "fetch_processes",
         "max_pixels",
         "processes",
         "resize",

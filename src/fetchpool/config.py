@@ -183,7 +183,12 @@ class FetchConfig:
     """How one URL is fetched: timeouts, limits, retries, politeness, address guard."""
 
     threads: int = 32
-    fetch_processes: int = 1  # processes sharing the threads (each with its own GIL)
+    #: ``--engine``: the fetch backend (``fetchpool.engine.backends``); "" picks ``processes``
+    #: when ``fetch_processes`` > 1, else ``threads``, so every older command keeps its meaning.
+    engine: str = ""
+    #: Processes sharing the threads (each with its own GIL); 0: the engine's default
+    #: (1 for ``threads``; 2, at most ``threads``, for ``processes``).
+    fetch_processes: int = 0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # idle time between two reads
     total_timeout: float = 300.0  # per attempt
@@ -240,6 +245,7 @@ class FetchConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
+        self._resolve_engine()
         _check(
             1 <= self.fetch_processes <= min(64, self.threads),
             "fetch_processes must be between 1 and min(64, threads)",
@@ -293,6 +299,23 @@ class FetchConfig:
             captured = environment_proxies(os.environ) if self.proxy else ()
             object.__setattr__(self, "proxy_environment", captured)
         ProxyPolicy.build(self.proxy, self.proxy_environment or ())  # raises for a bad URL
+
+    def _resolve_engine(self) -> None:
+        """Fill in ``engine`` and ``fetch_processes`` left to their defaults; refuse worker
+        processes for the engine that runs in this process. (Whether the engine exists is the
+        registry's to say: :func:`fetchpool.engine.backends.check_engine`.)"""
+        engine = (self.engine or "").strip().lower()
+        if not engine:
+            engine = "processes" if self.fetch_processes > 1 else "threads"
+        object.__setattr__(self, "engine", engine)
+        if self.fetch_processes == 0:
+            default = min(2, self.threads) if engine == "processes" else 1
+            object.__setattr__(self, "fetch_processes", default)
+        _check(
+            engine != "threads" or self.fetch_processes == 1,
+            f"--fetch-processes {self.fetch_processes} runs fetches in worker processes: it "
+            "goes with --engine processes (or without --engine), not --engine threads",
+        )
 
     def _check_trust(self) -> None:
         """Read and check ``ca_certificate`` (kept in ``ca_pem``) and ``ca_directory``."""

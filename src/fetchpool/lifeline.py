@@ -15,7 +15,8 @@ first thing. It does two things (RELIABILITY.md cases 41 and 46):
 
 So a parent stops its workers with SIGKILL (or by closing their pipe), never with
 ``terminate()``; a parent that exits without stopping them kills them at exit
-(``ProcessFetchPool``), since multiprocessing's own exit hook would terminate and then wait.
+(``engine/backends/processes.ProcessFetchPool``), since multiprocessing's own exit hook would
+terminate and then wait.
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that started the child ends. fetchpool starts
 workers from threads that outlive them (the run loop, the CPU stage's supervisor), which stop

@@ -6,15 +6,18 @@ Bottom layer: imports nothing else from the package.
     processor ──Record(temp_path)──▶ writer ──Record(path)──▶ journal ──▶ report
 
 A :class:`Record` is created by the fetch stage and completed by the later stages; it is the
-one row per input item that the state journal stores and the manifest exports.
+one row per input item that the state journal stores and the manifest exports. A
+:class:`Report` is what a whole run did: counts by status and error, and, through the records
+source its builder attaches, every record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 
 class Status(StrEnum):
@@ -242,3 +245,117 @@ class TaskRecord:
     thread: str
     ok: bool = True
     label: str = ""
+
+
+class RecordSource(Protocol):
+    """Streams a run's records (``state.journal.iter_journal`` bound to a folder, or
+    ``state.exported.iter_cluster_records`` bound to a cluster run's destination)."""
+
+    def __call__(self, *, status: Status | None = None) -> Iterator[Record]: ...
+
+
+class Destination(Protocol):
+    """A cluster run's destination as a report shows it (``storage.Store``)."""
+
+    def display(self, name: str) -> str:
+        """``name`` inside the destination, as the user would write it."""
+        ...
+
+
+@dataclass(slots=True)
+class Report:
+    """What a run did. Partial failure is a value: the CLI maps it to an exit code."""
+
+    out: Path
+    counts: dict[str, int] = field(default_factory=dict)  # by status
+    errors: dict[str, int] = field(default_factory=dict)  # failed/skipped by error code
+    #: Failures of one code that call for different actions, by code then detail:
+    #: ``http_error`` by status ("404", "500"), ``total_timeout`` by whether the response head
+    #: had arrived ("no response", "in the body").
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    bytes: int = 0  # downloaded by this run (as fetched, before any CPU-stage work)
+    wall: float = 0.0
+    busy: float = 0.0  # sum of per-attempt fetch times
+    items: int = 0
+    resumed: int = 0  # items already finished by an earlier run, not touched this time
+    resumed_failed: int = 0  # of those, failures kept as they are (no --retry-failed)
+    resumed_errors: dict[str, int] = field(default_factory=dict)  # their error codes
+    interrupted: bool = False
+    fatal: str | None = None  # a run-level failure that stopped the run early
+    fatal_kind: str | None = None  # its stable word: "disk_full", "input_mismatch"
+    #: Items that were under way when the run stopped early (disk full, a stop, a worker
+    #: gone while stopping): not journaled, so the next run fetches them like any other.
+    unfinished: int = 0
+    #: A cluster run's destination (a local folder or an fsspec URL; a ``storage.Store``).
+    store: Destination | None = None
+    #: Where :meth:`records` reads, attached by whoever builds the report (the pipeline: the
+    #: run's journal; the cluster driver: every part's records). It must pickle: a cluster
+    #: part's report travels to the driver.
+    source: RecordSource | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> int:
+        return self.counts.get(Status.OK, 0)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(Status.FAILED, 0)
+
+    @property
+    def skipped(self) -> int:
+        return self.counts.get(Status.SKIPPED, 0)
+
+    @property
+    def gain(self) -> float:
+        """Concurrency gain: sum of per-item times over wall time (the notebook's comparison)."""
+        return self.busy / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return 2
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def records(self, status: Status | None = None) -> Iterator[Record]:
+        """Every per-item record of the output folder, from its journal (streamed); for a
+        cluster run, of every part, merged in position order, paths relative to the
+        destination."""
+        if self.source is None:
+            raise ValueError(f"this report of {self.out} has no records source to read")
+        return self.source(status=status)
+
+    def fail_run(self, kind: str, reason: str) -> None:
+        """A run-level failure (``kind``: its stable word): the first one is kept."""
+        if self.fatal is None:
+            self.fatal = reason
+            self.fatal_kind = kind
+
+    def add(self, record: Record, *, resumed: bool = False) -> None:
+        self.items += 1
+        self.counts[record.status] = self.counts.get(record.status, 0) + 1
+        code = record.error_code
+        if code is not None:
+            self.errors[code] = self.errors.get(code, 0) + 1
+            detail = _detail(record)
+            if detail is not None:
+                counts = self.breakdown.setdefault(code, {})
+                counts[detail] = counts.get(detail, 0) + 1
+        if resumed:
+            self.resumed += 1
+            self.resumed_failed += record.status is Status.FAILED
+            if code is not None:
+                self.resumed_errors[code] = self.resumed_errors.get(code, 0) + 1
+        elif record.status is Status.OK:
+            fetched = record.fetched_bytes
+            self.bytes += record.bytes if fetched is None else fetched
+
+
+def _detail(record: Record) -> str | None:
+    """What tells apart failures of one code that need different actions (see ``breakdown``)."""
+    if record.error_code is ErrorCode.HTTP_ERROR and record.http_status is not None:
+        return str(record.http_status)
+    if record.error_code is ErrorCode.TOTAL_TIMEOUT:
+        return "no response" if record.http_status is None else "in the body"
+    return None

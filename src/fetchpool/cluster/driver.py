@@ -31,14 +31,17 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from fetchpool.cluster import plan as plans
 from fetchpool.cluster.part import report_of_done, run_part
 from fetchpool.config import Options
-from fetchpool.engine.pipeline import Report, Source
+from fetchpool.engine.pipeline import Source
 from fetchpool.errors import ConfigError
+from fetchpool.models import Report
+from fetchpool.state.exported import iter_cluster_records
 from fetchpool.state.paths import DB_NAME, STATE_DIR
 from fetchpool.storage import Store
 
@@ -289,7 +292,11 @@ class _Parts:
         self.options = options
         self.window = window
         self.progress = progress
-        self.total = Report(out=Path() if store.remote else store.path, store=store)
+        self.total = Report(
+            out=Path() if store.remote else store.path,
+            store=store,
+            source=partial(iter_cluster_records, store),
+        )
         self.todo: list[int] = []
         self.running: dict[Any, int] = {}
         self.failures: list[str] = []

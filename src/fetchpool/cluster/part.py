@@ -26,14 +26,16 @@ import os
 import shutil
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fetchpool import fsutil
 from fetchpool.cluster import plan as plans
 from fetchpool.config import Options
-from fetchpool.engine.pipeline import Pipeline, Report
-from fetchpool.models import Status
+from fetchpool.engine.pipeline import Pipeline
+from fetchpool.models import Report, Status
+from fetchpool.state.journal import iter_journal
 from fetchpool.state.paths import STATE_DIR, part_input_name, part_name, part_records_name
 from fetchpool.storage import Store
 
@@ -130,7 +132,7 @@ def summary_of(part: Report) -> dict[str, Any]:
 
 def report_of_done(done: dict[str, Any], out: Path) -> Report:
     """A finished part's report as its ``.done`` marker keeps it (every item resumed)."""
-    report = Report(out=out)
+    report = Report(out=out, source=partial(iter_journal, out))
     for status, n in done.get("counts", {}).items():
         report.counts[Status(status)] = n
     for code, n in done.get("errors", {}).items():

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fetchpool.engine.pipeline import Report
+    from fetchpool.models import Report
 
 
 def human_bytes(n: float) -> str:

@@ -1,4 +1,4 @@
-"""The fetch stage in several processes, each with its own threads (and its own GIL).
+"""The ``processes`` engine: fetches in worker processes, each with its own threads (and GIL).
 
 ::
 
@@ -20,6 +20,10 @@ process 1.8 s, two processes of 8 threads 0.9 s. Workers only fetch (and, for th
 writer, publish); scheduling, retries and the journal stay in the run loop, which sends each
 worker at most its own share of the in-flight budget.
 
+A worker builds its fetcher and writer by calling the factories of its :class:`WorkerSpec`
+(picklable: module-level functions or ``functools.partial`` of them), so any fetcher and
+writer the run was given travel to it.
+
 Workers are started with ``spawn`` (the parent has threads), ignore SIGINT and SIGTERM (the
 parent decides how a run stops: a signal to the process group must not turn their items into
 failures) and exit at once when their pipe closes or their parent is gone
@@ -30,8 +34,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -40,121 +44,53 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fetchpool import fsutil
 from fetchpool.config import FetchConfig
+from fetchpool.engine.backends import BackendSetup, FetcherFactory, WriterFactory
+from fetchpool.engine.backends.shared import fetch_and_publish, fetcher_factory
 from fetchpool.engine.runner import Done
-from fetchpool.errors import DiskFullError, FetchpoolError
-from fetchpool.models import ErrorCode, Job, Record, Status, TaskRecord
-from fetchpool.stages import Fetcher, Writer
+from fetchpool.errors import ConfigError
+from fetchpool.models import ErrorCode, Job, Record, TaskRecord
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-log = logging.getLogger("fetchpool")
+
+def build(setup: BackendSetup) -> ProcessFetchPool:
+    """``--fetch-processes`` workers sharing ``--threads`` out; each builds its fetcher (and
+    the files writer, when fetches publish) from picklable factories."""
+    fetch = setup.fetch
+    processes = fetch.fetch_processes
+    # Each worker's share of the threads; ceil, so the budget is never smaller.
+    share = replace(fetch, threads=-(-fetch.threads // processes), fetch_processes=1)
+    spec = WorkerSpec(
+        share,
+        str(setup.tmp_dir),
+        fetcher=fetcher_factory(setup, share),
+        writer=setup.writer_factory if setup.publishes else None,
+    )
+    return ProcessFetchPool(spec, processes, setup.on_done)
 
 
-def fetch_and_publish(
-    fetcher: Fetcher,
-    writer: Writer | None,
-    job: Job,
-    gate: PublishGate | None = None,
-    attempt: int = 1,
-) -> Record:
-    """Attempt number ``attempt`` at ``job``, published by ``writer`` when given and ok
-    (through ``gate`` when given). Never raises."""
+def check_fetcher(factory: FetcherFactory) -> None:
+    """Refuse, in the CLI's words, a fetcher factory that cannot travel to a worker process."""
     try:
-        record = fetcher.fetch(job)
-    except FetchpoolError as exc:
-        return Record.for_job(job).fail(_local_error_code(exc), str(exc))
-    except Exception as exc:  # a bug must cost one item, never the run
-        log.exception("internal error fetching item %d", job.position)
-        return Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, repr(exc))
-    record.attempts = attempt  # before publishing: a sidecar carries it too
-    if writer is not None and record.status is Status.OK:
-        return gate.publish(writer, record) if gate is not None else publish(writer, record)
-    return record
-
-
-def publish(writer: Writer, record: Record) -> Record:
-    """Give a finished record its final name through a concurrent writer. Never raises: a
-    full disk comes back as DISK_FULL (the run loop then stops the run)."""
-    try:
-        (record,) = writer.write(record)
-    except FetchpoolError as exc:
-        record.fail(_local_error_code(exc), str(exc))
-    except Exception as exc:  # a bug must cost one item, never the run
-        log.exception("internal error publishing item %d", record.position)
-        record.fail(ErrorCode.INTERNAL_ERROR, repr(exc))
-    return record
-
-
-class PublishGate:
-    """Lets fetch threads publish until :meth:`close`; after it, none does.
-
-    A hurried stop closes it before the journal's last commit. A record counts as under way
-    from the moment its thread enters the gate until the run loop has its result
-    (:meth:`delivered`), so once :meth:`close` returns, every file that got its final name
-    is in the run loop's queue and reaches the journal: the journal is never left behind the
-    files on disk. Costs two uncontended lock round trips per item.
-    """
-
-    #: Seconds :meth:`close` waits for results under way (each is a link and a queue put).
-    CLOSE_TIMEOUT = 10.0
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._under_way: set[int] = set()  # id() of records entered and not yet delivered
-        self._closed = False
-
-    def publish(self, writer: Writer, record: Record) -> Record:
-        """:func:`publish`, or, once closed, the record cancelled and its temp file removed."""
-        with self._cond:
-            if self._closed:
-                return _cancelled(record)
-            self._under_way.add(id(record))
-        try:
-            return publish(writer, record)
-        except BaseException:
-            self.delivered(record)
-            raise
-
-    def delivered(self, record: Record | None) -> None:
-        """The run loop has ``record`` (from :meth:`publish`) in its queue."""
-        if record is None:
-            return
-        with self._cond:
-            self._under_way.discard(id(record))
-            if not self._under_way:
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        """Let no more publications start; wait until the ones under way are delivered."""
-        deadline = time.monotonic() + self.CLOSE_TIMEOUT
-        with self._cond:
-            self._closed = True
-            while self._under_way and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-
-
-def _cancelled(record: Record) -> Record:
-    fsutil.discard(record.temp_path)
-    return record.cancel("the run was stopped before this item was published")
-
-
-def _local_error_code(exc: FetchpoolError) -> ErrorCode:
-    return ErrorCode.DISK_FULL if isinstance(exc, DiskFullError) else ErrorCode.IO_ERROR
+        pickle.dumps(factory)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            "--engine processes builds each worker's fetcher in that worker, and the fetcher "
+            f"factory given (download(fetcher=...)) cannot be pickled: {exc}. Give a "
+            "module-level function or a functools.partial of one, or use --engine threads"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What a fetch worker process needs to build its fetcher (and files writer)."""
+    """What a fetch worker process builds its fetcher (and files writer) from."""
 
-    fetch: FetchConfig
+    fetch: FetchConfig  # this worker's share: ``threads`` is its own thread count
     tmp_dir: str
-    publish_to: str | None  # OUT, when the worker links finished files itself
-    sidecar: bool = False
-    caption_column: str | None = None
-    folder_size: int | None = None
+    fetcher: FetcherFactory  # called with the temp folder, in the worker
+    writer: WriterFactory | None = None  # set when the worker links finished files itself
 
 
 def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
@@ -162,28 +98,11 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
     from fetchpool.lifeline import follow_parent
 
     follow_parent(parent_pid)
-    from fetchpool.fetch import HttpFetcher
     from fetchpool.heap import keep_heap_trimmed
 
     keep_heap_trimmed()
-    from fetchpool.outputs.files import FilesWriter
-
-    fetcher = HttpFetcher(
-        spec.fetch,
-        Path(spec.tmp_dir),
-        sync_temp=spec.publish_to is not None,
-        hand_back_redirects=True,
-    )
-    writer = (
-        FilesWriter(
-            Path(spec.publish_to),
-            sidecar=spec.sidecar,
-            caption_column=spec.caption_column,
-            folder_size=spec.folder_size,
-        )
-        if spec.publish_to is not None
-        else None
-    )
+    fetcher = spec.fetcher(Path(spec.tmp_dir))
+    writer = spec.writer() if spec.writer is not None else None
     outbox = _Outbox(conn)
     pid = f"pid-{os.getpid()}"
 
@@ -258,8 +177,9 @@ class _Worker:
 
 
 class ProcessFetchPool:
-    """Fetch jobs in ``processes`` worker processes; results reach ``on_done`` from reader
-    threads, as :class:`~fetchpool.engine.runner.TaskPool` delivers them."""
+    """:class:`~fetchpool.engine.backends.FetchBackend` over ``processes`` worker processes
+    built from ``spec``; results reach ``on_done`` from reader threads, as
+    :class:`~fetchpool.engine.runner.TaskPool` delivers them."""
 
     def __init__(
         self,
@@ -267,15 +187,13 @@ class ProcessFetchPool:
         processes: int,
         on_done: Callable[[Done[Record]], None],
     ) -> None:
-        per_worker = -(-spec.fetch.threads // processes)  # ceil: the budget is shared out
-        worker_spec = replace(spec, fetch=replace(spec.fetch, threads=per_worker))
         import multiprocessing  # only when worker processes are asked for
 
         context = multiprocessing.get_context("spawn")
         self._on_done = on_done
         self._lock = threading.Lock()
         self._next_id = 0
-        self._workers = [_Worker(context, worker_spec, i) for i in range(processes)]
+        self._workers = [_Worker(context, spec, i) for i in range(processes)]
         self._readers = [
             threading.Thread(target=self._read, args=(w,), name=f"fetch-reader-{i}", daemon=True)
             for i, w in enumerate(self._workers)
