@@ -38,6 +38,7 @@ from fetchpool.fetch.content import HEAD_BYTES, sniff_extension
 from fetchpool.fetch.decoding import Decoder, decoder_for
 from fetchpool.fetch.digests import expected_digest, new_hash
 from fetchpool.fetch.guard import AddressGuard
+from fetchpool.fetch.h1 import request_bytes
 from fetchpool.fetch.http11 import ConnectionPool, Key, Response, Via, WireError
 from fetchpool.fetch.optout import agent_tokens, opt_out
 from fetchpool.fetch.transport import Watch, Watchdog
@@ -771,25 +772,13 @@ def _without_credentials(headers: _Headers) -> _Headers:
 
 
 def _request_bytes(target: _Target, headers: _Headers, *, absolute: bool = False) -> bytes:
-    """The GET request for ``target``: request line, Host (unless given), the other fields.
-
-    ``absolute``: the request line names the whole URL (``GET http://host/path``), as a
-    proxy is asked (RFC 9112 3.2.2); without the URL's userinfo, which never leaves here.
-    """
+    """The GET request for ``target``; ``absolute``: the request line names the whole URL
+    (``GET http://host/path``), as a proxy is asked (RFC 9112 3.2.2); without the URL's
+    userinfo, which never leaves here."""
     uri = target.request_uri
     if absolute:
         uri = f"{target.scheme}://{target.host_header()}{uri}"
-    lines = [f"GET {uri} HTTP/1.1"]
-    if "host" not in headers:
-        lines.append(f"Host: {target.host_header()}")
-    lines.extend(f"{name}: {value}" for name, value in headers.values())
-    lines.append("\r\n")
-    try:
-        return "\r\n".join(lines).encode("latin-1")
-    except UnicodeEncodeError:
-        raise FetchError(
-            ErrorCode.INVALID_URL, "request has characters that HTTP/1.1 cannot carry"
-        ) from None
+    return request_bytes(uri, target.host_header(), headers)
 
 
 def _local_io(operation: Callable[..., _T], *args: object) -> _T:
