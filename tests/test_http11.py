@@ -21,7 +21,7 @@ from fetchpool.errors import ConfigError
 from fetchpool.fetch import HttpFetcher
 from fetchpool.fetch.h1 import ResponseParser
 from fetchpool.fetch.http11 import Connection, ConnectionPool, WireError
-from fetchpool.fetch.transport import Watchdog, attach_current, detach_current
+from fetchpool.fetch.transport import Watchdog
 from fetchpool.models import ErrorCode, Job, Record
 from reliability_helpers import make_cert
 from socketserver_faults import FaultServer, read_request, response, serve_forever_keepalive
@@ -311,8 +311,8 @@ def test_a_pooled_connection_leaves_the_attempts_watch() -> None:
     try:
         watchdog = Watchdog(time.monotonic)
         with watchdog.watch(time.monotonic() + 60) as watch:
-            attach_current(ours)
-            detach_current(ours)
+            watch.attach(ours)
+            watch.detach(ours)
             watch.expire()
         watchdog.close()
         theirs.sendall(b"still open")

@@ -223,7 +223,9 @@ class Connection:
 
     def read_head(self, parser: ResponseParser) -> Head:
         """Feed ``parser`` until it has the final head (interim 1xx answers skipped)."""
-        while (head := parser.next_head()) is None:
+        # A fresh parser has nothing to parse yet: read first, then look for the head.
+        head = parser.next_head() if parser.received else None
+        while head is None:
             try:
                 chunk = self.recv(parser.want(HEAD_READ))
             except WireError as exc:
@@ -236,6 +238,7 @@ class Connection:
                 raise _Stale
             else:
                 parser.feed_eof()
+            head = parser.next_head()
         return head
 
 
@@ -249,12 +252,13 @@ class Response:
     ``None`` for a chunked body or one that ends with the connection.
     """
 
-    __slots__ = ("_conn", "_parser", "_pool", "head", "headers", "reason", "status")
+    __slots__ = ("_conn", "_parser", "_pool", "_watch", "head", "headers", "reason", "status")
 
     def __init__(self, conn: Connection, parser: ResponseParser, head: Head) -> None:
         self._conn: Connection | None = conn
         self._parser = parser
         self._pool: ConnectionPool | None = None
+        self._watch: transport.Watch | None = None
         self.head = head
         self.status = head.status
         self.reason = head.reason
@@ -299,7 +303,8 @@ class Response:
         pool = self._pool
         if pool is not None and self._parser.reusable:
             # This attempt's deadline must not reach the connection once another uses it.
-            transport.detach_current(conn.sock)
+            if self._watch is not None:
+                self._watch.detach(conn.sock)
             pool.put(conn)  # bytes that arrive after this are caught by dropped() at reuse
         else:
             conn.close()
@@ -407,8 +412,12 @@ class ConnectionPool:
         read_timeout: float,
         header_budget: int,
         via: Via | None = None,
+        watch: transport.Watch | None = None,
     ) -> Response:
         """Send ``request`` on an idle connection for ``key`` or a new one; the response head.
+
+        ``watch`` (the attempt's deadline) holds the connection's socket while the
+        attempt uses it: from the connect until the response is released or closed.
 
         A reused connection found closed before it answered is replaced once by a new one.
         With ``via``, a new connection goes to that proxy: for ``https`` a CONNECT tunnel to
@@ -418,21 +427,27 @@ class ConnectionPool:
         """
         conn = self._take_idle(key)
         if conn is not None:
-            transport.attach_current(conn.sock)
+            if watch is not None:
+                watch.attach(conn.sock)
             try:
-                return self._exchange(conn, request, read_timeout, header_budget)
+                return self._exchange(conn, request, read_timeout, header_budget, watch)
             except _Stale:
                 conn.close()
                 self._drop_idle(key)  # its siblings were likely closed at the same time
-        conn = self._connect(key, connect_timeout, via, header_budget)
+        conn = self._connect(key, connect_timeout, via, header_budget, watch)
         try:
-            return self._exchange(conn, request, read_timeout, header_budget)
+            return self._exchange(conn, request, read_timeout, header_budget, watch)
         except _Stale:  # a new connection is never stale; defensive only
             conn.close()
             raise protocol_error("server closed the connection without a response") from None
 
     def _exchange(
-        self, conn: Connection, request: bytes, timeout: float, header_budget: int
+        self,
+        conn: Connection,
+        request: bytes,
+        timeout: float,
+        header_budget: int,
+        watch: transport.Watch | None,
     ) -> Response:
         try:
             response = conn.exchange(request, timeout, header_budget)
@@ -442,24 +457,33 @@ class ConnectionPool:
             conn.close()
             raise
         response._pool = self
+        response._watch = watch
         return response
 
     def _connect(
-        self, key: Key, timeout: float, via: Via | None = None, header_budget: int = HEAD_READ
+        self,
+        key: Key,
+        timeout: float,
+        via: Via | None = None,
+        header_budget: int = HEAD_READ,
+        watch: transport.Watch | None = None,
     ) -> Connection:
         scheme, host, port, ip = key
         if via is None:
             sock = _open(ip, port, timeout, host)
         else:
             sock = _open(via.address, via.port, timeout, f"proxy {via.name}")
-        transport.attach_current(sock)
+        if watch is not None:
+            watch.attach(sock)
         if via is not None and scheme == "https":
             _tunnel(sock, f"{host}:{port}", via, header_budget)
         if scheme == "https":
-            sock = self._handshake(sock, host, timeout)
+            sock = self._handshake(sock, host, timeout, watch)
         return Connection(sock, key, timeout)
 
-    def _handshake(self, sock: socket.socket, host: str, timeout: float) -> socket.socket:
+    def _handshake(
+        self, sock: socket.socket, host: str, timeout: float, watch: transport.Watch | None
+    ) -> socket.socket:
         import ssl
 
         try:
@@ -472,7 +496,8 @@ class ConnectionPool:
             raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
         # wrap_socket took the descriptor over (``sock`` is detached now): the attempt's
         # watchdog must hold the TLS socket, or it could not stop a trickling server.
-        transport.attach_current(tls)
+        if watch is not None:
+            watch.attach(tls)
         try:
             tls.do_handshake()
         except ssl.SSLCertVerificationError as exc:  # ssl.CertificateError is the same class
