@@ -37,6 +37,7 @@ from fetchpool.fetch.policy import (
     HEADER_VALUE_LIMIT,
     Accept,
     Attempt,
+    BodySink,
     HandBack,
     Policy,
     Refuse,
@@ -74,7 +75,8 @@ class HttpFetcher:
     and return the record with ``moved_to`` set (:class:`~fetchpool.models.Hop`), for a
     scheduler that keeps per-host limits; the job's ``hop`` then resumes there.
     ``transport``: what moves the bytes (default: :class:`H1Transport`, HTTP/1.1 over the
-    guard); the policy above it is the same for any.
+    guard); the policy above it is the same for any. ``sink``: makes each accepted body's
+    sink (default: a :class:`~fetchpool.fetch.policy.TempFileSink` in ``tmp_dir``).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class HttpFetcher:
         sync_temp: bool = False,
         hand_back_redirects: bool = False,
         transport: Transport | None = None,
+        sink: Callable[[], BodySink] | None = None,
     ) -> None:
         self._config = config
         self._sync_temp = sync_temp
@@ -102,12 +105,15 @@ class HttpFetcher:
             guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
             transport = H1Transport(config, guard, concurrent=concurrent, pools=pools)
         self._transport = transport
+        self._sink = sink or self._temp_file
+
+    def _temp_file(self) -> BodySink:
+        return TempFileSink(self._tmp_dir, sync=self._sync_temp)
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
         with self._slots:
-            sink = TempFileSink(self._tmp_dir, sync=self._sync_temp)
-            attempt = Attempt(self._policy, job, clock=self._clock, sink=sink)
+            attempt = Attempt(self._policy, job, clock=self._clock, sink=self._sink())
             try:
                 request = attempt.start()
                 with self._watchdog.watch(attempt.deadline) as watch:
