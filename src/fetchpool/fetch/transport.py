@@ -23,24 +23,17 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from fetchpool.fetch.policy import ResponseHead
+
 if TYPE_CHECKING:
     from fetchpool.fetch.policy import Attempt, Request
 
 __all__ = ["Transport", "Watch", "Watchdog", "WireResponse", "open_socket"]
 
 
-class WireResponse(Protocol):
+class WireResponse(ResponseHead, Protocol):
     """An answer whose head has arrived; its body is read in pieces (``read1``)."""
 
-    @property
-    def status(self) -> int: ...
-    @property
-    def reason(self) -> str: ...
-    @property
-    def headers(self) -> dict[str, str]: ...
-    @property
-    def length_remaining(self) -> int | None: ...
-    def get_all(self, name: str) -> list[str]: ...
     def set_timeout(self, seconds: float) -> None:
         """Bound each following read by ``seconds``."""
         ...
