@@ -304,6 +304,33 @@ def test_an_error_answer_with_two_framings_does_not_keep_the_connection(
         assert server.connections == 2
 
 
+def test_the_pool_hands_a_released_connection_out_of_the_attempts_watch() -> None:
+    """The watch reaches the pool as an argument: the socket is under the attempt's deadline
+    while its response is read, and out of it once released to the pool, so an expiry then
+    leaves the connection (reused by the next request) alone."""
+    pool = ConnectionPool(per_host=1, num_pools=1, insecure=False)
+    watchdog = Watchdog(time.monotonic)
+    try:
+        with FaultServer(serve_forever_keepalive(lambda request: response(200, b"ok"))) as s:
+            key = ("http", "127.0.0.1", s.port, "127.0.0.1")
+            request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n".encode()
+            timeouts = {"connect_timeout": 1.0, "read_timeout": 1.0, "header_budget": 65536}
+            with watchdog.watch(time.monotonic() + 60) as watch:
+                first = pool.request(key, request, watch=watch, **timeouts)  # type: ignore[arg-type]
+                assert len(watch._sockets) == 1
+                assert first.read1(10) == b"ok" and first.read1(10) == b""
+                first.release()
+                assert watch._sockets == []
+                watch.expire()
+            second = pool.request(key, request, **timeouts)  # type: ignore[arg-type]
+            assert second.read1(10) == b"ok"
+            second.release()
+            assert s.connections == 1
+    finally:
+        watchdog.close()
+        pool.clear()
+
+
 def test_a_pooled_connection_leaves_the_attempts_watch() -> None:
     """After a redirect the first hop's connection is pooled while the attempt goes on: if
     that attempt then expires, the connection (now another attempt's) must be left alone."""
