@@ -54,6 +54,9 @@ BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
+_LINE_TOO_LONG = "chunk framing line too long"
+_TRAILERS_TOO_LONG = "chunked trailers exceed the size limit"
+
 # Parser states: what the next bytes are.
 _HEAD, _LENGTH, _UNTIL_CLOSE, _SIZE_LINE, _CHUNK, _CHUNK_END, _TRAILERS, _DONE = range(8)
 
@@ -325,7 +328,7 @@ class ResponseParser:
             if state == _DONE:
                 return b""
             if state == _TRAILERS:
-                line = self._line(TRAILER_LIMIT - self._trailers - 1, "chunked trailers")
+                line = self._line(TRAILER_LIMIT - self._trailers - 1, _TRAILERS_TOO_LONG)
                 if line is None:
                     return None
                 self._trailers += len(line)
@@ -334,7 +337,7 @@ class ResponseParser:
                 continue
             # A chunk's data ends with CRLF; a size line starts each chunk.
             limit = 2 if state == _CHUNK_END else MAX_CHUNK_LINE
-            line = self._line(limit, "chunk framing line")
+            line = self._line(limit, _LINE_TOO_LONG)
             if line is None:
                 return None
             if state == _CHUNK_END:
@@ -351,31 +354,25 @@ class ResponseParser:
         self._left = int(text, 16)
         self._state = _CHUNK if self._left else _TRAILERS
 
-    def _line(self, limit: int, what: str) -> bytes | None:
+    def _line(self, limit: int, too_long: str) -> bytes | None:
         """The next line (with its LF) once complete; a line longer than ``limit`` bytes
-        before its LF is refused whether or not its end has arrived (so the answer does not
-        depend on how the bytes were split)."""
+        before its LF is refused (``too_long``) whether or not its end has arrived, so the
+        answer does not depend on how the bytes were split."""
         buf = self._buf
         end = buf.find(b"\n", self._searched)
         if end == -1:
             if len(buf) > limit:
-                raise _too_long(what)
+                raise protocol_error(too_long)
             if self._eof:
                 raise _ended_in_chunks()
             self._searched = len(buf)
             return None
         if end > limit:
-            raise _too_long(what)
+            raise protocol_error(too_long)
         line = bytes(buf[: end + 1])
         del buf[: end + 1]
         self._searched = 0
         return line
-
-
-def _too_long(what: str) -> WireError:
-    if what == "chunked trailers":
-        return protocol_error("chunked trailers exceed the size limit")
-    return protocol_error(f"{what} too long")
 
 
 def request_bytes(target: str, host: str, fields: Mapping[str, tuple[str, str]]) -> bytes:
