@@ -105,15 +105,14 @@ class HttpFetcher:
             guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
             transport = H1Transport(config, guard, concurrent=concurrent, pools=pools)
         self._transport = transport
-        self._sink = sink or self._temp_file
-
-    def _temp_file(self) -> BodySink:
-        return TempFileSink(self._tmp_dir, sync=self._sync_temp)
+        self._sink = sink
 
     def fetch(self, job: Job) -> Record:
         """Make one attempt at ``job.url`` (redirects followed); never raises for the item."""
         with self._slots:
-            attempt = Attempt(self._policy, job, clock=self._clock, sink=self._sink())
+            made = self._sink
+            sink = TempFileSink(self._tmp_dir, sync=self._sync_temp) if made is None else made()
+            attempt = Attempt(self._policy, job, clock=self._clock, sink=sink)
             try:
                 request = attempt.start()
                 with self._watchdog.watch(attempt.deadline) as watch:
@@ -160,7 +159,7 @@ class HttpFetcher:
         try:
             while True:
                 # Narrowed per read, so every blocking recv ends by the attempt's deadline.
-                response.set_timeout(attempt.timeouts()[1])
+                response.set_timeout(attempt.read_timeout())
                 try:
                     # read1: what has arrived (one recv at most), so that the deadline and
                     # speed checks run between reads, even on a body that trickles in.

@@ -266,7 +266,11 @@ class Response:
 
     def get_all(self, name: str) -> list[str]:
         """Every value of the field ``name`` (lowercase), one per header line, in order."""
-        return self.head.get_all(name)
+        repeated = self.head.repeated  # as Head.get_all: a call less on every request
+        if repeated is not None and name in repeated:
+            return list(repeated[name])
+        value = self.headers.get(name)
+        return [] if value is None else [value]
 
     @property
     def length_remaining(self) -> int | None:

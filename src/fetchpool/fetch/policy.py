@@ -30,7 +30,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -50,6 +49,7 @@ from fetchpool.proxies import Proxy, ProxyPolicy, refusal
 from fetchpool.redact import redact_text, redact_url
 
 __all__ = [
+    "ACCEPT",
     "CHUNK_SIZE",
     "ERROR_BODY_LIMIT",
     "HEADER_VALUE_LIMIT",
@@ -100,8 +100,7 @@ class ResponseHead(Protocol):
     def get_all(self, name: str) -> list[str]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """One hop's URL, parsed once: the host checked is the host connected to."""
 
     url: str
@@ -120,8 +119,7 @@ class Target:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One request the attempt wants sent, with everything a driver needs to send it.
 
     Without ``proxy`` the driver resolves ``target`` and connects only to addresses the
@@ -129,7 +127,8 @@ class Request:
     to the proxy, the target's addresses still checked first unless the guard allows
     every address. ``data`` is the request's bytes as they go on that connection (absolute
     form to a plain proxy), ``proxy_headers`` what a CONNECT to the proxy carries.
-    ``job`` is the item the attempt serves (a mock transport answers by it).
+    ``job`` is the item the attempt serves (a mock transport answers by it). A tuple, not a
+    frozen dataclass: one is made per hop, on the path every request takes.
     """
 
     target: Target
@@ -166,6 +165,8 @@ class Accept(NamedTuple):
 
 
 Decision = Follow | HandBack | Refuse | Accept
+#: The one Accept there is (it carries nothing).
+ACCEPT = Accept()
 
 
 class BodySink(Protocol):
@@ -200,7 +201,10 @@ class TempFileSink:
         self._fd, self._path = fsutil.create_temp_fd(self._tmp_dir)
 
     def write(self, data: bytes) -> None:
-        _local_io(fsutil.write_all, self._fd, data)
+        try:
+            fsutil.write_all(self._fd, data)
+        except OSError as exc:
+            raise _local_error(exc) from exc
 
     def close(self) -> str:
         path = self._path
@@ -324,11 +328,6 @@ class _Body:
         self.head = b""
         self.received = self.size = 0
 
-    def digests(self) -> dict[str, str]:
-        digests = {"sha256": self.hasher.hexdigest()}
-        digests.update((name, more.hexdigest()) for name, more in self.extra)
-        return digests
-
 
 class Attempt:
     """One attempt at ``job`` (redirects included), as a state machine with no I/O.
@@ -337,6 +336,24 @@ class Attempt:
     receives the accepted body. :attr:`record` is the result, final after :meth:`finish`,
     :meth:`fail` or a :class:`HandBack`.
     """
+
+    __slots__ = (
+        "_body",
+        "_headers",
+        "_leg_start",
+        "_request",
+        "_seen",
+        "_target",
+        "_url",
+        "clock",
+        "config",
+        "deadline",
+        "expected",
+        "job",
+        "policy",
+        "record",
+        "sink",
+    )
 
     def __init__(
         self, policy: Policy, job: Job, *, clock: Callable[[], float], sink: BodySink
@@ -363,19 +380,20 @@ class Attempt:
 
     def start(self) -> Request:
         """The first request (or a :class:`FetchError` for an item that cannot be fetched)."""
-        self.expected = self.policy.expected_digest(self.record)
+        if self.config.verify_hash_column is not None:
+            self.expected = self.policy.expected_digest(self.record)
         hop = self.job.hop
         if hop is None:
             target = parse_target(self._url)
+            self._seen = {self._url}
             if target.auth:
                 self._headers = self.policy.initial_headers(target)
         else:  # a leg after a redirect to another host: credentials were dropped then
             self._url = self._leg_start = hop.url
             target = parse_target(hop.url)
             self._headers = _without_credentials(self.policy.base_headers)
-            self._seen = set(hop.seen)
+            self._seen = set(hop.seen)  # the hop's URL among them
             self.record.redirects = list(hop.redirects)
-        self._seen.add(self._url)
         return self._request_for(target)
 
     def _request_for(self, target: Target) -> Request:
@@ -397,6 +415,14 @@ class Attempt:
             request = Request(target, data, self.job, budget, proxy, sent)
         self._request = request
         return request
+
+    def read_timeout(self) -> float:
+        """The bound of the next read: ``read_timeout`` cut to the time left;
+        ``total_timeout`` when none is left."""
+        left = self.deadline - self.clock()
+        if left <= 0:
+            raise FetchError(ErrorCode.TOTAL_TIMEOUT, self._total_timeout_message())
+        return min(self.config.read_timeout, left)
 
     def timeouts(self) -> tuple[float, float]:
         """(connect, read) bounds for the next wait: the configured ones, cut to the time
@@ -434,24 +460,23 @@ class Attempt:
         """Decide from the head: follow, hand back, refuse or accept the body."""
         request = self._request
         assert request is not None and self._target is not None, "on_head() before start()"
-        drain = _small(response)
         proxy = request.proxy
         if proxy is not None and response.status == 407:
             # Only a proxy says this (a tunnel's 407 fails in the wire, at CONNECT).
             what = f"GET {request.target.scheme}://{request.target.host_header()}"
             sent = request.proxy_headers
             code, message = refusal(proxy.shown, 407, response.reason, what, sent)
-            return Refuse(FetchError(code, message), drain)
+            return Refuse(FetchError(code, message), _small(response))
         location = _redirect_location(response)
         if location is None:
             self.record.final_url = redact_url(self._url)
-            return self._receive(response, drain)
+            return self._receive(response)
         try:
-            return self._redirect(response, location, drain)
+            return self._redirect(response, location)
         except FetchError as exc:
-            return Refuse(exc, drain)
+            return Refuse(exc, _small(response))
 
-    def _redirect(self, response: ResponseHead, location: str, drain: bool) -> Decision:
+    def _redirect(self, response: ResponseHead, location: str) -> Decision:
         target = self._target
         assert target is not None
         record = self.record
@@ -468,14 +493,14 @@ class Attempt:
         self._seen.add(next_url)
         if self.policy.hand_back and host_key(next_url) != host_key(self._leg_start):
             record.moved_to = Hop(next_url, tuple(record.redirects), tuple(self._seen))
-            return HandBack(drain)
+            return HandBack(_small(response))
         next_target = parse_target(next_url)
         if next_target.origin != target.origin:
             self._headers = _without_credentials(self._headers)
         self._url = next_url
-        return Follow(self._request_for(next_target), drain)
+        return Follow(self._request_for(next_target), _small(response))
 
-    def _receive(self, response: ResponseHead, drain: bool) -> Decision:
+    def _receive(self, response: ResponseHead) -> Decision:
         record, config = self.record, self.config
         record.http_status = response.status
         record.content_type = clean_header_value(response.headers.get("content-type"))
@@ -488,7 +513,7 @@ class Attempt:
             error = FetchError(
                 ErrorCode.HTTP_ERROR, f"HTTP {response.status}{reason}", http_status=response.status
             )
-            return Refuse(error, drain)
+            return Refuse(error, _small(response))
         if self.policy.disallowed:
             opted = opt_out(response.get_all, self.policy.disallowed, self.policy.agents)
             if opted is not None:
@@ -496,7 +521,7 @@ class Attempt:
                     f"the server opts out with {opted}: not saved (--disallowed-header-directives)"
                 )
                 error = FetchError(ErrorCode.OPTED_OUT, message, http_status=response.status)
-                return Refuse(error, drain)
+                return Refuse(error, _small(response))
         if not config.accepts(record.content_type):  # --accept: decided from the head
             shown = record.content_type or "none"
             message = f"Content-Type {shown} is not in --accept {','.join(config.accept)}"
@@ -514,7 +539,7 @@ class Attempt:
             return Refuse(exc, False)
         self.sink.open()
         self._body = body
-        return Accept()
+        return ACCEPT
 
     def _declared_length(self, response: ResponseHead) -> int | None:
         headers = response.headers
@@ -588,7 +613,8 @@ class Attempt:
             )
         if body.decoder is not None:
             body.decoder.finish()
-        digests = body.digests()
+        digests = {"sha256": body.hasher.hexdigest()}
+        digests.update((name, more.hexdigest()) for name, more in body.extra)
         if self.expected is not None:
             self._verify(digests, self.expected)
         record.temp_path = self.sink.close()
@@ -787,6 +813,10 @@ def _local_io(operation: Callable[..., _T], *args: object) -> _T:
     try:
         return operation(*args)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"no space left writing to {exc.filename or 'temp'}") from exc
-        raise FetchError(ErrorCode.IO_ERROR, f"writing the temp file: {exc.strerror}") from exc
+        raise _local_error(exc) from exc
+
+
+def _local_error(exc: OSError) -> DiskFullError | FetchError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left writing to {exc.filename or 'temp'}")
+    return FetchError(ErrorCode.IO_ERROR, f"writing the temp file: {exc.strerror}")
