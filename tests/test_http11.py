@@ -19,8 +19,9 @@ import pytest
 from fetchpool.config import FetchConfig
 from fetchpool.errors import ConfigError
 from fetchpool.fetch import HttpFetcher
+from fetchpool.fetch.h1 import ResponseParser
 from fetchpool.fetch.http11 import Connection, ConnectionPool, WireError
-from fetchpool.fetch.transport import Watchdog, attach_current, detach_current
+from fetchpool.fetch.transport import Watchdog
 from fetchpool.models import ErrorCode, Job, Record
 from reliability_helpers import make_cert
 from socketserver_faults import FaultServer, read_request, response, serve_forever_keepalive
@@ -303,6 +304,33 @@ def test_an_error_answer_with_two_framings_does_not_keep_the_connection(
         assert server.connections == 2
 
 
+def test_the_pool_hands_a_released_connection_out_of_the_attempts_watch() -> None:
+    """The watch reaches the pool as an argument: the socket is under the attempt's deadline
+    while its response is read, and out of it once released to the pool, so an expiry then
+    leaves the connection (reused by the next request) alone."""
+    pool = ConnectionPool(per_host=1, num_pools=1, insecure=False)
+    watchdog = Watchdog(time.monotonic)
+    try:
+        with FaultServer(serve_forever_keepalive(lambda request: response(200, b"ok"))) as s:
+            key = ("http", "127.0.0.1", s.port, "127.0.0.1")
+            request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n".encode()
+            timeouts = {"connect_timeout": 1.0, "read_timeout": 1.0, "header_budget": 65536}
+            with watchdog.watch(time.monotonic() + 60) as watch:
+                first = pool.request(key, request, watch=watch, **timeouts)  # type: ignore[arg-type]
+                assert len(watch._sockets) == 1
+                assert first.read1(10) == b"ok" and first.read1(10) == b""
+                first.release()
+                assert watch._sockets == []
+                watch.expire()
+            second = pool.request(key, request, **timeouts)  # type: ignore[arg-type]
+            assert second.read1(10) == b"ok"
+            second.release()
+            assert s.connections == 1
+    finally:
+        watchdog.close()
+        pool.clear()
+
+
 def test_a_pooled_connection_leaves_the_attempts_watch() -> None:
     """After a redirect the first hop's connection is pooled while the attempt goes on: if
     that attempt then expires, the connection (now another attempt's) must be left alone."""
@@ -310,8 +338,8 @@ def test_a_pooled_connection_leaves_the_attempts_watch() -> None:
     try:
         watchdog = Watchdog(time.monotonic)
         with watchdog.watch(time.monotonic() + 60) as watch:
-            attach_current(ours)
-            detach_current(ours)
+            watch.attach(ours)
+            watch.detach(ours)
             watch.expire()
         watchdog.close()
         theirs.sendall(b"still open")
@@ -346,6 +374,6 @@ def test_a_head_arriving_byte_by_byte_costs_linear_time() -> None:
     head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 60_000 + b"\r\nContent-Length: 0\r\n\r\n"
     conn = Connection(_TrickleSocket(head), ("http", "h", 80, "127.0.0.1"), 1.0)  # type: ignore[arg-type]
     started = time.thread_time()
-    status, *_ = conn._read_head(64 * 1024)
+    status, *_ = conn.read_head(ResponseParser(64 * 1024))
     assert status == 200
     assert time.thread_time() - started < 2.0

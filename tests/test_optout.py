@@ -20,7 +20,7 @@ from engines import ENGINES, engine_args
 from fetchpool import download
 from fetchpool.config import DEFAULT_DISALLOWED_HEADER_DIRECTIVES, FetchConfig, Options
 from fetchpool.errors import ConfigError
-from fetchpool.fetch import HttpFetcher, http11
+from fetchpool.fetch import HttpFetcher, h1, http11
 from fetchpool.fetch.optout import agent_tokens, opt_out
 from fetchpool.models import ErrorCode, Job, Status
 from fetchpool.origin import Origin
@@ -185,7 +185,7 @@ def test_repeated_header_lines_are_kept_apart(
 
 
 def test_single_header_line_is_a_one_item_list() -> None:
-    _, _, _, fields, repeated = http11._parse_head(
+    _, _, _, fields, repeated = h1.parse_head(
         b"HTTP/1.1 200 OK\r\nX-Robots-Tag: noai\r\nVary: a\r\nvary: b"
     )
     assert repeated == {"vary": ["a", "b"]} and fields["vary"] == "a, b"

@@ -1,10 +1,10 @@
-"""HTTP/1.1 on the wire: pooled connections pinned to checked addresses, bounded parsing.
+"""HTTP/1.1 on the wire, blocking: pooled connections pinned to checked addresses.
 
 This is the layer under :class:`~fetchpool.fetch.client.HttpFetcher`: it opens (or reuses) a
 connection to exactly the address the guard approved, sends a GET whose bytes the fetcher
-built, reads the status line and headers within a byte budget, and hands back a
-:class:`Response` whose body is read in pieces (``read1``), framed by Content-Length, chunked
-encoding or the connection's end.
+built, and drives a :class:`~fetchpool.fetch.h1.ResponseParser` (framing and limits live
+there, with no socket) with what each ``recv`` brings: the head within a byte budget, then a
+:class:`Response` whose body is read in pieces (``read1``).
 
 Why not urllib3 + http.client, which fetchpool used first: the fetcher needs little of them
 (one method, no redirects, no retries, no decoding, no proxies) and paid for all of it on every
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import re
 import select
 import socket
 import struct
@@ -34,8 +33,16 @@ import sys
 import threading
 from typing import TYPE_CHECKING, NamedTuple
 
-from fetchpool.errors import FetchError
 from fetchpool.fetch import transport
+from fetchpool.fetch.h1 import (
+    BLANK_LINE,
+    HEAD_READ,
+    Head,
+    ResponseParser,
+    WireError,
+    parse_head,
+    protocol_error,
+)
 from fetchpool.models import ErrorCode
 from fetchpool.proxies import refusal
 
@@ -44,21 +51,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "ConnectionPool", "Response", "Via", "WireError", "tls_context"]
 
-#: Bytes asked of the kernel per read while looking for the end of the headers: a small
-#: response (headers + body) usually arrives in one read.
-HEAD_READ = 64 * 1024
-#: A chunk-size line longer than this is not a chunk size.
-MAX_CHUNK_LINE = 4096
 #: What every connection sets: requests are small and written at once, so Nagle only delays.
 SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
-_NO_BODY_STATUSES = frozenset({204, 304})
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 #: The longest timeout a socket is given (about a year): config values are checked against
 #: it too, since the kernel's timeval and Python's timeouts have finite ranges.
 MAX_TIMEOUT = 365 * 86400.0
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 Key = tuple[str, str, int, str]  # (scheme, host lowercased, port, pinned address)
 
@@ -77,16 +75,8 @@ class Via(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class WireError(FetchError):
-    """A transport failure, already classified (connect, TLS, timeout, protocol)."""
-
-
 class _Stale(Exception):
     """A reused connection was closed by the server before any byte of an answer."""
-
-
-def _protocol_error(message: str) -> WireError:
-    return WireError(ErrorCode.PROTOCOL_ERROR, f"protocol error: {message}")
 
 
 def _read_timeout() -> WireError:
@@ -152,7 +142,7 @@ def tls_context(
 
 
 class Connection:
-    """One TCP (or TLS) connection and the bytes read from it but not yet consumed.
+    """One TCP (or TLS) connection.
 
     Timeouts: a plain TCP socket is left in blocking mode and bounded by the kernel's
     ``SO_RCVTIMEO``/``SO_SNDTIMEO`` (an expired wait fails with ``EAGAIN``). A Python socket
@@ -161,12 +151,11 @@ class Connection:
     run of many small files. TLS sockets keep Python's timeouts (the ssl module needs them).
     """
 
-    __slots__ = ("buffer", "key", "reused", "sock", "timeout", "tls")
+    __slots__ = ("key", "reused", "sock", "timeout", "tls")
 
     def __init__(self, sock: socket.socket, key: Key, timeout: float) -> None:
         self.sock = sock
         self.key = key
-        self.buffer = b""
         self.reused = False
         self.tls = key[0] == "https"
         self.timeout = -1.0
@@ -213,7 +202,7 @@ class Connection:
         except OSError as exc:
             if _is_tls_error(exc):
                 raise _tls_error(exc) from exc
-            raise _protocol_error(f"connection broken: {exc}") from exc
+            raise protocol_error(f"connection broken: {exc}") from exc
 
     def exchange(self, request: bytes, timeout: float, header_budget: int) -> Response:
         """Send ``request``, read the answer's head; raise :class:`_Stale` when a reused
@@ -228,188 +217,64 @@ class Connection:
                 raise _Stale from exc
             if _is_tls_error(exc):
                 raise _tls_error(exc) from exc
-            raise _protocol_error(f"connection aborted: {exc}") from exc
-        budget = header_budget
-        while True:
-            status, head_bytes, headers, version, reason, repeated = self._read_head(budget)
-            budget -= head_bytes
-            if 100 <= status < 200 and status != 101:
-                continue  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            return Response(self, status, reason, version, headers, repeated=repeated)
+            raise protocol_error(f"connection aborted: {exc}") from exc
+        parser = ResponseParser(header_budget)
+        return Response(self, parser, self.read_head(parser))
 
-    def _read_head(
-        self, budget: int
-    ) -> tuple[int, int, dict[str, str], int, str, dict[str, list[str]] | None]:
-        data = bytearray(self.buffer)
-        first = not data
-        searched = 0  # the blank line is looked for in new bytes only (and 3 before them)
-        while True:
-            # The first empty line ends the head; bare LF line ends are tolerated, as
-            # http.client does (its readline() takes "\n" and "\r\n" alike).
-            blank = _BLANK_LINE.search(data, max(0, searched - 3))
-            if blank is not None:
-                end, cut = blank.start(), blank.end()
-                break
-            searched = len(data)
-            if len(data) > budget:
-                raise _protocol_error("response headers exceed the size limit")
+    def read_head(self, parser: ResponseParser) -> Head:
+        """Feed ``parser`` until it has the final head (interim 1xx answers skipped)."""
+        # A fresh parser has nothing to parse yet: read first, then look for the head.
+        head = parser.next_head() if parser.received else None
+        while head is None:
             try:
-                chunk = self.recv(min(HEAD_READ, budget + 1 - len(data)))
+                chunk = self.recv(parser.want(HEAD_READ))
             except WireError as exc:
-                if first and not data and self.reused and exc.code is not ErrorCode.READ_TIMEOUT:
+                if self.reused and not parser.received and exc.code is not ErrorCode.READ_TIMEOUT:
                     raise _Stale from exc
                 raise
-            if not chunk:
-                if first and not data and self.reused:
-                    raise _Stale
-                what = "without a response" if not data else "in the middle of the headers"
-                raise _protocol_error(f"server closed the connection {what}")
-            data += chunk
-        if cut > budget:
-            raise _protocol_error("response headers exceed the size limit")
-        self.buffer = bytes(data[cut:])
-        status, version, reason, headers, repeated = _parse_head(bytes(data[:end]))
-        return status, cut, headers, version, reason, repeated
-
-
-def _parse_head(
-    head: bytes,
-) -> tuple[int, int, str, dict[str, str], dict[str, list[str]] | None]:
-    """(status, version, reason, headers, repeated): ``headers`` joins a repeated field's
-    values with ", " (RFC 9110 5.3); ``repeated`` keeps each line's value apart for the fields
-    that came more than once (None when none did), for readers of fields whose values are not
-    plain lists (an ``X-Robots-Tag: bot: rule`` scope ends with its line)."""
-    lines = head.split(b"\n")
-    parts = lines[0].rstrip(b"\r").split(None, 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        shown = lines[0][:60].decode("latin-1")
-        raise _protocol_error(f"not an HTTP/1.x status line: {shown!r}")
-    code = parts[1]
-    if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
-        raise _protocol_error(f"invalid status code {code[:10].decode('latin-1')!r}")
-    version = 11 if parts[0] == b"HTTP/1.1" else 10
-    reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
-    headers: dict[str, str] = {}
-    repeated: dict[str, list[str]] | None = None
-    name = ""
-    for raw in lines[1:]:
-        line = raw.rstrip(b"\r")
-        if not line:
-            continue
-        if line[0] in b" \t":  # obsolete line folding: a continuation of the previous value
-            if not name:
-                raise _protocol_error("header continuation without a header")
-            more = line.strip().decode("latin-1")
-            headers[name] = f"{headers[name]} {more}"
-            if repeated is not None and name in repeated:
-                repeated[name][-1] = f"{repeated[name][-1]} {more}"
-            continue
-        field, colon, value = line.partition(b":")
-        if not colon or not field or not _TOKEN.issuperset(field):
-            raise _protocol_error(f"invalid header line {line[:40].decode('latin-1')!r}")
-        name = field.decode("ascii").lower()
-        text = value.strip().decode("latin-1")
-        known = headers.get(name)
-        if known is None:
-            headers[name] = text
-        elif name == "content-length":
-            if known != text:
-                raise _protocol_error(f"conflicting Content-Length headers {known!r}, {text!r}")
-        else:
-            headers[name] = f"{known}, {text}"
-            repeated = _repeat(repeated, name, known, text)
-    return int(code), version, reason, headers, repeated
-
-
-def _repeat(
-    repeated: dict[str, list[str]] | None, name: str, known: str, text: str
-) -> dict[str, list[str]]:
-    """Note another line of the field ``name``; ``known`` is its value so far, which at the
-    second line is the first line's value."""
-    if repeated is None:
-        repeated = {}
-    values = repeated.get(name)
-    if values is None:
-        repeated[name] = [known, text]
-    else:
-        values.append(text)
-    return repeated
+            if chunk:
+                parser.feed(chunk)
+            elif self.reused and not parser.received:
+                raise _Stale
+            else:
+                parser.feed_eof()
+            head = parser.next_head()
+        return head
 
 
 class Response:
     """A response whose head was read; the body is read with :meth:`read1`.
 
-    ``headers`` maps lowercased names to values (repeated fields joined by ``", "``);
-    :meth:`get_all` gives a field's values line by line.
-    ``length_remaining`` is the announced Content-Length less what was read, or ``None``
-    for a chunked body or one that ends with the connection.
+    The blocking driver of a :class:`~fetchpool.fetch.h1.ResponseParser`: each read of the
+    body feeds the parser what one ``recv`` brought. ``headers`` maps lowercased names to
+    values (repeated fields joined by ``", "``); :meth:`get_all` gives a field's values line
+    by line. ``length_remaining`` is the announced Content-Length less what was read, or
+    ``None`` for a chunked body or one that ends with the connection.
     """
 
-    __slots__ = (
-        "_chunk_left",
-        "_chunked",
-        "_conn",
-        "_done",
-        "_keep",
-        "_left",
-        "_pool",
-        "_repeated",
-        "headers",
-        "reason",
-        "status",
-    )
+    __slots__ = ("_conn", "_parser", "_pool", "_watch", "head", "headers", "reason", "status")
 
-    def __init__(
-        self,
-        conn: Connection,
-        status: int,
-        reason: str,
-        version: int,
-        headers: dict[str, str],
-        *,
-        repeated: dict[str, list[str]] | None = None,
-    ) -> None:
+    def __init__(self, conn: Connection, parser: ResponseParser, head: Head) -> None:
         self._conn: Connection | None = conn
-        self._repeated = repeated
+        self._parser = parser
         self._pool: ConnectionPool | None = None
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        tokens = headers.get("connection", "").lower()
-        self._keep = version == 11 and "close" not in tokens
-        self._chunked = False
-        self._chunk_left = -1  # -1: the next chunk's size line has not been read
-        self._left: int | None = None
-        self._done = False
-        encoding = headers.get("transfer-encoding")
-        if encoding is not None and "content-length" in headers:
-            self._keep = False  # ambiguous framing (RFC 9112 6.3): never reuse the connection
-        if status in _NO_BODY_STATUSES:
-            self._left = 0
-        elif encoding is not None:
-            self._chunked = encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
-            if not self._chunked:  # RFC 9112 6.3: any other final coding runs to the end
-                self._keep = False
-        elif "content-length" in headers:
-            declared = headers["content-length"]
-            if not declared.isdigit() or not declared.isascii():
-                raise _protocol_error(f"invalid Content-Length {declared[:20]!r}")
-            self._left = int(declared)
-        else:
-            self._keep = False  # the body ends when the server closes the connection
-        if self._left == 0:
-            self._done = True
+        self._watch: transport.Watch | None = None
+        self.head = head
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
 
     def get_all(self, name: str) -> list[str]:
         """Every value of the field ``name`` (lowercase), one per header line, in order."""
-        if self._repeated is not None and name in self._repeated:
-            return list(self._repeated[name])
+        repeated = self.head.repeated  # as Head.get_all: a call less on every request
+        if repeated is not None and name in repeated:
+            return list(repeated[name])
         value = self.headers.get(name)
         return [] if value is None else [value]
 
     @property
     def length_remaining(self) -> int | None:
-        return None if self._chunked else self._left
+        return self._parser.length_remaining
 
     def set_timeout(self, seconds: float) -> None:
         """Bound the next reads of the body by ``seconds`` each."""
@@ -417,82 +282,21 @@ class Response:
             self._conn.set_timeout(seconds)
 
     def read1(self, size: int) -> bytes:
-        """Up to ``size`` bytes of the body, at most one read from the socket; ``b""`` at its
-        end. A body cut short of its Content-Length also ends with ``b""``: the caller
-        compares sizes (and the connection is not reused)."""
+        """Up to ``size`` bytes of the body, ``b""`` at its end. One ``recv`` at most, but
+        for a chunked body whose framing lines need more: the caller's deadline and speed
+        checks run between reads, even on a body that trickles in. A body cut short of its
+        Content-Length raises ``incomplete_body``."""
         conn = self._conn
-        if self._done or conn is None:
+        if conn is None:
             return b""
-        if self._chunked:
-            return self._read_chunked(conn, size)
-        if self._left is not None:
-            size = min(size, self._left)
-        data = self._take(conn, size)
-        if not data:
-            self._done = True
-            if self._left is not None:  # short of the announced length
-                self._keep = False
-            return b""
-        if self._left is not None:
-            self._left -= len(data)
-            if self._left == 0:
-                self._done = True
+        parser = self._parser
+        while (data := parser.read(size)) is None:
+            chunk = conn.recv(parser.want(size))
+            if chunk:
+                parser.feed(chunk)
+            else:
+                parser.feed_eof()
         return data
-
-    def _take(self, conn: Connection, size: int) -> bytes:
-        buffered = conn.buffer
-        if buffered:
-            data, conn.buffer = buffered[:size], buffered[size:]
-            return data
-        return conn.recv(size)
-
-    def _read_chunked(self, conn: Connection, size: int) -> bytes:
-        if self._chunk_left <= 0:
-            # A chunk's data ends with CRLF (_chunk_left is -1 before the first chunk).
-            if self._chunk_left == 0 and self._line(conn, 2).strip():
-                raise _protocol_error("chunk not followed by CRLF")
-            line = self._line(conn, MAX_CHUNK_LINE)
-            text = line.split(b";", 1)[0].strip()
-            if not _CHUNK_SIZE.fullmatch(text):
-                raise _protocol_error(f"invalid chunk size {text[:20]!r}")
-            chunk = int(text, 16)
-            if chunk == 0:
-                self._trailers(conn)
-                self._done = True
-                return b""
-            self._chunk_left = chunk
-        data = self._take(conn, min(size, self._chunk_left))
-        if not data:
-            self._keep = False
-            raise _protocol_error("chunked body ended before its last chunk")
-        self._chunk_left -= len(data)
-        return data
-
-    def _line(self, conn: Connection, limit: int) -> bytes:
-        searched = 0
-        while True:
-            end = conn.buffer.find(b"\n", searched)
-            if end != -1:
-                line, conn.buffer = conn.buffer[: end + 1], conn.buffer[end + 1 :]
-                return line
-            searched = len(conn.buffer)
-            if len(conn.buffer) > limit:
-                raise _protocol_error("chunk framing line too long")
-            more = conn.recv(HEAD_READ)
-            if not more:
-                self._keep = False
-                raise _protocol_error("chunked body ended before its last chunk")
-            conn.buffer += more
-
-    def _trailers(self, conn: Connection) -> None:
-        budget = 64 * 1024
-        while True:
-            line = self._line(conn, budget)
-            budget -= len(line)
-            if budget < 0:
-                raise _protocol_error("chunked trailers exceed the size limit")
-            if not line.strip():
-                return
 
     def release(self) -> None:
         """Give the connection back for reuse when the body was read to its end and the
@@ -501,9 +305,10 @@ class Response:
         if conn is None:
             return
         pool = self._pool
-        if pool is not None and self._done and self._keep and not conn.buffer:
+        if pool is not None and self._parser.reusable:
             # This attempt's deadline must not reach the connection once another uses it.
-            transport.detach_current(conn.sock)
+            if self._watch is not None:
+                self._watch.detach(conn.sock)
             pool.put(conn)  # bytes that arrive after this are caught by dropped() at reuse
         else:
             conn.close()
@@ -537,9 +342,9 @@ def _tunnel(sock: socket.socket, authority: str, via: Via, budget: int) -> None:
     try:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         data = b""
-        while (blank := _BLANK_LINE.search(data)) is None:
+        while (blank := BLANK_LINE.search(data)) is None:
             if len(data) > budget:
-                raise _protocol_error(f"proxy {via.name}: CONNECT answer exceeds the size limit")
+                raise protocol_error(f"proxy {via.name}: CONNECT answer exceeds the size limit")
             chunk = sock.recv(HEAD_READ)
             if not chunk:
                 raise WireError(
@@ -548,7 +353,7 @@ def _tunnel(sock: socket.socket, authority: str, via: Via, budget: int) -> None:
                     f"{authority}",
                 )
             data += chunk
-        status, _, reason, _, _ = _parse_head(data[: blank.start()])
+        status, _, reason, _, _ = parse_head(data[: blank.start()])
     except BaseException as exc:
         sock.close()
         if isinstance(exc, TimeoutError):
@@ -568,7 +373,7 @@ def _tunnel(sock: socket.socket, authority: str, via: Via, budget: int) -> None:
         raise WireError(code, message)
     if blank.end() != len(data):  # the target speaks first only after our TLS hello
         sock.close()
-        raise _protocol_error(f"proxy {via.name} sent bytes after its CONNECT answer")
+        raise protocol_error(f"proxy {via.name} sent bytes after its CONNECT answer")
 
 
 class ConnectionPool:
@@ -611,8 +416,12 @@ class ConnectionPool:
         read_timeout: float,
         header_budget: int,
         via: Via | None = None,
+        watch: transport.Watch | None = None,
     ) -> Response:
         """Send ``request`` on an idle connection for ``key`` or a new one; the response head.
+
+        ``watch`` (the attempt's deadline) holds the connection's socket while the
+        attempt uses it: from the connect until the response is released or closed.
 
         A reused connection found closed before it answered is replaced once by a new one.
         With ``via``, a new connection goes to that proxy: for ``https`` a CONNECT tunnel to
@@ -622,21 +431,27 @@ class ConnectionPool:
         """
         conn = self._take_idle(key)
         if conn is not None:
-            transport.attach_current(conn.sock)
+            if watch is not None:
+                watch.attach(conn.sock)
             try:
-                return self._exchange(conn, request, read_timeout, header_budget)
+                return self._exchange(conn, request, read_timeout, header_budget, watch)
             except _Stale:
                 conn.close()
                 self._drop_idle(key)  # its siblings were likely closed at the same time
-        conn = self._connect(key, connect_timeout, via, header_budget)
+        conn = self._connect(key, connect_timeout, via, header_budget, watch)
         try:
-            return self._exchange(conn, request, read_timeout, header_budget)
+            return self._exchange(conn, request, read_timeout, header_budget, watch)
         except _Stale:  # a new connection is never stale; defensive only
             conn.close()
-            raise _protocol_error("server closed the connection without a response") from None
+            raise protocol_error("server closed the connection without a response") from None
 
     def _exchange(
-        self, conn: Connection, request: bytes, timeout: float, header_budget: int
+        self,
+        conn: Connection,
+        request: bytes,
+        timeout: float,
+        header_budget: int,
+        watch: transport.Watch | None,
     ) -> Response:
         try:
             response = conn.exchange(request, timeout, header_budget)
@@ -646,24 +461,33 @@ class ConnectionPool:
             conn.close()
             raise
         response._pool = self
+        response._watch = watch
         return response
 
     def _connect(
-        self, key: Key, timeout: float, via: Via | None = None, header_budget: int = HEAD_READ
+        self,
+        key: Key,
+        timeout: float,
+        via: Via | None = None,
+        header_budget: int = HEAD_READ,
+        watch: transport.Watch | None = None,
     ) -> Connection:
         scheme, host, port, ip = key
         if via is None:
             sock = _open(ip, port, timeout, host)
         else:
             sock = _open(via.address, via.port, timeout, f"proxy {via.name}")
-        transport.attach_current(sock)
+        if watch is not None:
+            watch.attach(sock)
         if via is not None and scheme == "https":
             _tunnel(sock, f"{host}:{port}", via, header_budget)
         if scheme == "https":
-            sock = self._handshake(sock, host, timeout)
+            sock = self._handshake(sock, host, timeout, watch)
         return Connection(sock, key, timeout)
 
-    def _handshake(self, sock: socket.socket, host: str, timeout: float) -> socket.socket:
+    def _handshake(
+        self, sock: socket.socket, host: str, timeout: float, watch: transport.Watch | None
+    ) -> socket.socket:
         import ssl
 
         try:
@@ -676,7 +500,8 @@ class ConnectionPool:
             raise WireError(ErrorCode.TLS_ERROR, f"TLS error: {exc}") from exc
         # wrap_socket took the descriptor over (``sock`` is detached now): the attempt's
         # watchdog must hold the TLS socket, or it could not stop a trickling server.
-        transport.attach_current(tls)
+        if watch is not None:
+            watch.attach(tls)
         try:
             tls.do_handshake()
         except ssl.SSLCertVerificationError as exc:  # ssl.CertificateError is the same class

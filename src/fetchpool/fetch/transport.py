@@ -1,4 +1,9 @@
-"""Sockets for the fetcher: connect to a checked address only, and a deadline per attempt.
+"""The transport seam, and sockets: connect to a checked address only, a deadline per attempt.
+
+A :class:`Transport` moves one request's bytes and hands back a :class:`WireResponse`; the
+policy above it (:mod:`fetchpool.fetch.policy`) is the same whatever the transport: the
+HTTP/1.1 pool (``fetch/client.py:H1Transport``) or the in-library mock
+(``fetch/mock.py:MockTransport``), as httpx's ``handle_request`` transports.
 
 Connections never resolve a name: :func:`open_socket` connects to the address the guard
 approved (a hostile DNS server cannot change its answer between the check and the connect:
@@ -16,8 +21,43 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Watch", "Watchdog", "attach_current", "detach_current", "open_socket"]
+from fetchpool.fetch.policy import ResponseHead
+
+if TYPE_CHECKING:
+    from fetchpool.fetch.policy import Attempt, Request
+
+__all__ = ["Transport", "Watch", "Watchdog", "WireResponse", "open_socket"]
+
+
+class WireResponse(ResponseHead, Protocol):
+    """An answer whose head has arrived; its body is read in pieces (``read1``)."""
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound each following read by ``seconds``."""
+        ...
+
+    def read1(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body (one read of the wire); ``b""`` at its end."""
+        ...
+
+    def release(self) -> None:
+        """The body was read to its end: keep the connection when it can be reused."""
+        ...
+
+    def close(self) -> None:
+        """Drop the connection (its state is unknown)."""
+        ...
+
+
+class Transport(Protocol):
+    """Sends a request the attempt made and returns the answer's head, or raises
+    :class:`~fetchpool.errors.FetchError` (named by ``attempt.wire_error``). ``watch``
+    holds the attempt's sockets until its deadline (None: no watchdog)."""
+
+    def send(self, request: Request, attempt: Attempt, watch: Watch | None) -> WireResponse: ...
+    def close(self) -> None: ...
 
 
 def open_socket(
@@ -91,23 +131,6 @@ def _shutdown(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-_current = threading.local()
-
-
-def attach_current(sock: socket.socket | None) -> None:
-    """Put ``sock`` under the deadline of the attempt this thread is making."""
-    watch: Watch | None = getattr(_current, "watch", None)
-    if watch is not None and sock is not None:
-        watch.attach(sock)
-
-
-def detach_current(sock: socket.socket) -> None:
-    """Take ``sock`` out of this thread's attempt (its connection returns to the pool)."""
-    watch: Watch | None = getattr(_current, "watch", None)
-    if watch is not None:
-        watch.detach(sock)
-
-
 class Watchdog:
     """One thread enforcing every attempt's total deadline, whatever phase it is in.
 
@@ -128,15 +151,13 @@ class Watchdog:
 
     @contextlib.contextmanager
     def watch(self, deadline: float) -> Iterator[Watch]:
-        """Watch the sockets this thread uses until the block ends."""
+        """A watch for one attempt until the block ends; the wire attaches the sockets the
+        attempt uses to it (``ConnectionPool.request(..., watch=...)``)."""
         entry = Watch(deadline)
         self._add(entry)
-        previous = getattr(_current, "watch", None)
-        _current.watch = entry
         try:
             yield entry
         finally:
-            _current.watch = previous
             entry.finish()
 
     def close(self) -> None:
