@@ -289,6 +289,31 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "K/N" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--threads", "0"], "--threads must be between 1 and 4096"),
+        (["--threads", "4", "--fetch-processes", "8"], "--fetch-processes must be between 1"),
+        (["--per-host", "0"], "--per-host must be between 1 and 4096"),
+        (["--timeout", "0"], "--timeout must be > 0"),
+        (["--connect-timeout", "-1"], "--connect-timeout must be > 0"),
+        (["--max-redirects", "101"], "--max-redirects must be between 0 and 100"),
+        (["--attempts", "0"], "--attempts must be between 1 and 100"),
+        (["--resize", "0"], "--resize must be between 1 and 65535"),
+        (["--quality", "101"], "--quality must be between 1 and 100"),
+        (["--processes", "0"], "--processes must be >= 1"),
+    ],
+)
+def test_bad_numbers_are_refused_in_the_options_words(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    src = url_file(tmp_path / "urls.txt", ["http://example.com/a.jpg"])
+    out = tmp_path / "out"
+    result = fetchpool("get", src, "-o", out, *args)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not out.exists()  # refused before the output folder is touched
+
+
 _FULL_DISK_CLI = """
 import errno, sys
 from fetchpool import fsutil

@@ -244,23 +244,29 @@ class FetchConfig:
     verify_hash_type: HashName | None = None
 
     def __post_init__(self) -> None:
-        _check(1 <= self.threads <= 4096, "threads must be between 1 and 4096")
+        _check(1 <= self.threads <= 4096, "--threads must be between 1 and 4096")
         self._resolve_engine()
         _check(
             1 <= self.fetch_processes <= min(64, self.threads),
-            "fetch_processes must be between 1 and min(64, threads)",
+            "--fetch-processes must be between 1 and 64, and at most --threads",
         )
-        for name in ("connect_timeout", "read_timeout", "total_timeout"):
-            _check(0 < getattr(self, name) <= MAX_TIMEOUT, f"{name} must be > 0 and at most a year")
+        for name, option in (
+            ("connect_timeout", "--connect-timeout"),
+            ("read_timeout", "--read-timeout"),
+            ("total_timeout", "--timeout"),
+        ):
+            _check(
+                0 < getattr(self, name) <= MAX_TIMEOUT, f"{option} must be > 0 and at most a year"
+            )
         _check(self.min_speed >= 0, "min_speed must be >= 0")
         _check(self.min_speed_window > 0, "min_speed_window must be > 0")
-        _check(self.max_bytes > 0, "max_bytes must be > 0")
-        _check(0 <= self.max_redirects <= 100, "max_redirects must be between 0 and 100")
-        _check(1 <= self.attempts <= 100, "attempts must be between 1 and 100")
+        _check(self.max_bytes > 0, "--max-bytes must be > 0")
+        _check(0 <= self.max_redirects <= 100, "--max-redirects must be between 0 and 100")
+        _check(1 <= self.attempts <= 100, "--attempts must be between 1 and 100")
         _check(self.backoff_base >= 0 and self.backoff_max >= 0, "backoff must be >= 0")
         _check(self.retry_after_max >= 0, "retry_after_max must be >= 0")
-        _check(1 <= self.per_host <= 4096, "per_host must be between 1 and 4096")
-        _check(self.rate_per_host is None or self.rate_per_host > 0, "rate_per_host must be > 0")
+        _check(1 <= self.per_host <= 4096, "--per-host must be between 1 and 4096")
+        _check(self.rate_per_host is None or self.rate_per_host > 0, "--rate-per-host must be > 0")
         for media_range in self.accept:
             _check(
                 bool(_MEDIA_RANGE.fullmatch(media_range)),
@@ -421,7 +427,9 @@ class ImageConfig:
     identify: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.resize is None or 1 <= self.resize <= 65535, "resize must be 1..65535")
+        _check(
+            self.resize is None or 1 <= self.resize <= 65535, "--resize must be between 1 and 65535"
+        )
         _check(
             self.resize_mode in RESIZE_MODES,
             f"--resize-mode must be one of {'|'.join(RESIZE_MODES)}",
@@ -431,10 +439,13 @@ class ImageConfig:
                 getattr(self, name) in RESAMPLE_FILTERS,
                 f"--{name.replace('_', '-')} must be one of {'|'.join(RESAMPLE_FILTERS)}",
             )
-        _check(self.encode in ("keep", "jpeg", "webp", "png"), "encode must be keep|jpeg|webp|png")
-        _check(1 <= self.quality <= 100, "quality must be 1..100")
-        _check(self.min_size is None or self.min_size >= 1, "min_size must be >= 1")
-        _check(self.max_pixels >= 1, "max_pixels must be >= 1")
+        _check(
+            self.encode in ("keep", "jpeg", "webp", "png"),
+            "--encode must be one of keep|jpeg|webp|png",
+        )
+        _check(1 <= self.quality <= 100, "--quality must be between 1 and 100")
+        _check(self.min_size is None or self.min_size >= 1, "--min-size must be >= 1")
+        _check(self.max_pixels >= 1, "--max-pixels must be >= 1")
         _check(self.max_frames >= 1, "max_frames must be >= 1")
         _check(
             self.max_aspect_ratio is None or self.max_aspect_ratio >= 1,
@@ -446,7 +457,7 @@ class ImageConfig:
             self.min_area is None or self.max_area is None or self.min_area <= self.max_area,
             "--min-area must not be above --max-area",
         )
-        _check(self.processes is None or self.processes >= 1, "processes must be >= 1")
+        _check(self.processes is None or self.processes >= 1, "--processes must be >= 1")
         _check(self.item_timeout > 0, "item_timeout must be > 0")
 
     @property
@@ -499,7 +510,7 @@ class OutputConfig:
     def __post_init__(self) -> None:
         _check(
             self.format in ("files", "webdataset", "parquet"),
-            "format must be files|webdataset|parquet",
+            "--format must be one of files|webdataset|parquet",
         )
         _check(self.shard_size is None or self.shard_size >= 1, "--shard-size must be >= 1")
         _check(
@@ -546,7 +557,7 @@ class Options:
         )
         if self.shard is not None:
             k, n = self.shard
-            _check(n >= 1 and 0 <= k < n, "shard must be K/N with 0 <= K < N")
+            _check(n >= 1 and 0 <= k < n, "--shard must be K/N with 0 <= K < N")
 
     @property
     def required_columns(self) -> dict[str, str]:
