@@ -312,7 +312,9 @@ def run_workload(
             if record.get("timed_out"):
                 gave_up.add(name)
     for name in runnable:
-        results[name] |= _summary(results[name]["runs"])  # type: ignore[arg-type]
+        records = results[name]["runs"]
+        results[name] |= _summary(records)  # type: ignore[arg-type]
+        results[name]["run_records"] = records  # "runs" is now their count; keep each run
     return {
         "key": w.key,
         "title": w.title,
