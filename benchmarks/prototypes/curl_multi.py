@@ -28,6 +28,7 @@ import argparse
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ class Transfer:
 class Engine:
     """The multi handle, its transfers, and the admission of items into free transfers."""
 
-    def __init__(self, args: argparse.Namespace, items: list[Item], stats: Stats) -> None:
+    def __init__(self, args: argparse.Namespace, items: Iterator[Item], stats: Stats) -> None:
         self.args, self.stats = args, stats
         self.out = str(args.out)
         self.tmp = prepare_out(args.out, args.shard)
@@ -111,7 +112,7 @@ class Engine:
         self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, args.concurrency)
         self.multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, args.per_host)
         self.multi.setopt(pycurl.M_MAXCONNECTS, args.concurrency)
-        self.free = [Transfer(self) for _ in range(min(args.concurrency, len(items)))]
+        self.free = [Transfer(self) for _ in range(args.concurrency)]
         self.by_handle: dict[Any, Transfer] = {t.curl: t for t in self.free}
         self.active = 0
 
@@ -123,15 +124,19 @@ class Engine:
         self.stats.connections += 1
         return socket.socket(address.family, address.socktype, address.protocol)
 
-    def fill(self) -> None:
+    def fill(self) -> bool:
+        """Give free transfers their next items; True when any was added."""
+        added = False
         while self.free:
             item = self.queues.pop()
             if item is None:
-                return
+                break
             transfer = self.free.pop()
             transfer.start(item)
             self.multi.add_handle(transfer.curl)
             self.active += 1
+            added = True
+        return added
 
     def finish(self, curl: Any, error: str | None) -> None:
         t = self.by_handle[curl]
@@ -172,9 +177,10 @@ class Engine:
                     self.finish(curl, message)
                 if not queued:
                     break
-            self.fill()
-            if self.active:
-                multi.select(1.0)
+            # new transfers start at the next perform(): wait only when none was added
+            if not self.fill() and self.active:
+                timeout_ms = multi.timeout()
+                multi.select(1.0 if timeout_ms < 0 else min(timeout_ms, 1000) / 1000)
         for t in self.by_handle.values():
             t.curl.close()
         multi.close()
