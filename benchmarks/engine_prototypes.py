@@ -3,7 +3,8 @@
 
     python benchmarks/engine_prototypes.py                 # W2 and W4, full size, 3 rounds
     python benchmarks/engine_prototypes.py --quick         # small variants, 1 round
-    python benchmarks/engine_prototypes.py --profile W4    # + py-spy of the selector loop
+    python benchmarks/engine_prototypes.py --profile W4    # + py-spy of both prototypes
+    python benchmarks/engine_prototypes.py --workloads= --profile W4   # only the profiles
 
 Runs, round-robin through the harness (its nginx origin, corpus, measure.run, verify):
 curl as the harness runs it, today's fetchpool (the harness's command: ``--fetch-processes
@@ -37,6 +38,9 @@ from harness.tools import TOOLS, RunContext
 from harness.workloads import WORKLOADS, run_workload
 from run import CORPUS_DIR, ensure_corpus
 
+#: what --profile records (1 process each: py-spy follows one interpreter best)
+PROFILED = ("selector-1p", "curl-multi-1p")
+
 TOOL_ORDER = [
     "curl",
     "fetchpool",
@@ -53,7 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workloads", default="W2,W4")
     p.add_argument("--tools", default=",".join(TOOL_ORDER))
     p.add_argument("--repeat", type=int, default=None, help="rounds (default 3)")
-    p.add_argument("--profile", default="", help="py-spy the selector loop on these workloads")
+    p.add_argument("--profile", default="", help="py-spy both prototypes on these workloads")
     p.add_argument("--no-setup", action="store_true", help="skip apt-get and the peers venv")
     args = p.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -168,16 +172,47 @@ def attach_stats(key: str, result: dict[str, object]) -> None:
                 run["proto_stats"] = stats
 
 
-def profile_selector(key: str, origin_url: str, peers_py: Path, quick: bool) -> str | None:
-    """py-spy (native frames) of one selector-loop run, 1 process, on workload ``key``."""
+#: innermost native frame -> what it is, for a profile's one-line breakdown
+CATEGORIES = {  # first match wins: libcurl's own frames (Curl_xfer_send) before "send ("
+    "libcurl": ("libcurl",),
+    "sha256": ("sha256", "SHA256"),
+    "network syscalls": ("send (", "recv (", "sendto (", "recvfrom ("),
+    "waiting (epoll/select)": ("epoll_wait (", "select (", "poll ("),
+    "file syscalls": ("write (", "open64 (", "fsync (", "close (", "linkat (", "unlink ("),
+}
+
+
+def breakdown(raw: Path) -> str:
+    """Share of samples per category of the innermost frame; the rest is the interpreter."""
+    counts = dict.fromkeys([*CATEGORIES, "Python and the rest"], 0)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        where = next(
+            (c for c, marks in CATEGORIES.items() if any(m in leaf for m in marks)),
+            "Python and the rest",
+        )
+        counts[where] += int(count)
+    total = max(1, sum(counts.values()))
+    return "breakdown: " + ", ".join(f"{c} {100 * n / total:.0f}%" for c, n in counts.items())
+
+
+def profile_prototype(
+    key: str, tool: str, origin_url: str, peers_py: Path, out_root: Path, quick: bool
+) -> str | None:
+    """py-spy (native frames) of one run of a prototype on workload ``key``, writing to the
+    same place as the measured runs (a tmpfs: on this VM's disk, fsync alone takes 60%)."""
     w = WORKLOADS[key]
     n = w.n_quick if quick else w.n
     urls = WORK_DIR / "runs" / f"{key}-profile-urls.txt"
     urls.write_text("".join(f"{origin_url}/lat{w.latency_ms}/{w.rel(i)}\n" for i in range(n)))
-    ctx = RunContext(urls, n, WORK_DIR / "profile-out", w.concurrency, peers_py, urls)
-    cmd = TOOLS["selector-1p"].build(ctx)
-    raw = profile.record(cmd, f"selector-{key}", peers_py, ctx.out_dir)
-    return profile.summarize(raw, top=25) if raw else None
+    ctx = RunContext(urls, n, out_root / "profile-out", w.concurrency, peers_py, urls)
+    raw = profile.record(TOOLS[tool].build(ctx), f"{tool}-{key}", peers_py, ctx.out_dir)
+    if raw is None:
+        return None
+    return breakdown(raw) + "\n" + profile.summarize(raw, top=25).split("\ntop total")[0]
 
 
 def main(argv: list[str]) -> int:
@@ -233,11 +268,19 @@ def main(argv: list[str]) -> int:
             report["workloads"][key] = result  # type: ignore[index]
             texts.append(render(key, result, table))
         for key in args.profile:
-            summary = profile_selector(key, origin.base_url, peers_py, args.quick)
-            if summary:
-                (WORK_DIR / f"profile-selector-{key}-summary.txt").write_text(summary)
-                report[f"profile_{key}"] = summary
-                texts.append(f"py-spy, selector loop, {key}, 1 process:\n{summary}")
+            for tool in PROFILED:
+                summary = profile_prototype(
+                    key, tool, origin.base_url, peers_py, out_root, args.quick
+                )
+                if summary:
+                    path = RESULTS_DIR / f"engine-prototypes-profile-{tool}-{key}.txt"
+                    path.write_text(summary + "\n")
+                    texts.append(
+                        f"py-spy --native, {tool}, {key} (also in {path.name}):\n{summary}"
+                    )
+    if not args.workloads:
+        print("\n\n".join(texts))
+        return 0
     name = "engine-prototypes-quick.json" if args.quick else "engine-prototypes.json"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / name).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
