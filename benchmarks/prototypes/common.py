@@ -67,6 +67,8 @@ class Stats:
     handed_back: int = 0  # 3xx: returned to the caller (the scheduler follows redirects)
     connections: int = 0
     refused: int = 0  # addresses the allow-list refused
+    # wall time (perf_counter) inside the calls: thread_time would be exact but is a real
+    # syscall on this VM (tried: the timers took 20% of the loop); a busy machine inflates these
     file_s: float = 0.0  # create, write, fsync, close, link, unlink
     hash_s: float = 0.0  # sha256 updates
     cpu_s: float = 0.0
