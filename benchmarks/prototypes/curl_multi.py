@@ -120,7 +120,7 @@ class Engine:
         """OPENSOCKETFUNCTION: every new connection, after DNS, before connect()."""
         if not allowed(address.addr[0], self.args.allow_loopback):
             self.stats.refused += 1
-            return pycurl.SOCKET_BAD  # libcurl fails the transfer: COULDNT_CONNECT
+            return int(pycurl.SOCKET_BAD)  # libcurl fails the transfer: COULDNT_CONNECT
         self.stats.connections += 1
         return socket.socket(address.family, address.socktype, address.protocol)
 
