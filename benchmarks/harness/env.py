@@ -29,7 +29,16 @@ APT_TOOLS = {
 LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
 NDK_MODULE = Path("/usr/lib/nginx/modules/ndk_http_module.so")
 
-PEER_REQUIREMENTS = ["parfive", "img2dataset", "requests", "py-spy", "Pillow", "numpy"]
+PEER_REQUIREMENTS = [
+    "parfive",
+    "img2dataset",
+    "requests",
+    "py-spy",
+    "Pillow",
+    "numpy",
+    # the multiplexed-engine prototype on libcurl (benchmarks/prototypes/curl_multi.py)
+    "pycurl",
+]
 PEERS_VENV = WORK_DIR / "peers-venv"
 
 

@@ -258,6 +258,47 @@ def img2dataset_cmd(ctx: RunContext) -> list[str]:
     return cmd
 
 
+PROTOTYPES_DIR = BENCH_DIR / "prototypes"
+
+
+def _prototype(script: str, processes: int) -> Callable[[RunContext], list[str]]:
+    """A multiplexed-engine prototype (benchmarks/prototypes/), run by the peers' python
+    (it has pycurl), with the run's concurrency as its limit and as its per-host limit."""
+
+    def build(ctx: RunContext) -> list[str]:
+        return [
+            str(ctx.peers_python),
+            str(PROTOTYPES_DIR / script),
+            str(ctx.urls_file),
+            str(ctx.out_dir),
+            "--concurrency",
+            str(ctx.concurrency),
+            "--per-host",
+            str(ctx.per_host or ctx.concurrency),
+            "--processes",
+            str(processes),
+            "--allow-loopback",
+        ]
+
+    return build
+
+
+#: the prototypes of issue 14's multiplexed engine, 1 and 2 processes each
+#: (benchmarks/engine_prototypes.py runs them; no workload lists them by default)
+PROTOTYPE_TOOLS = [
+    Tool(
+        f"{name}-{n}p",
+        f"prototype: {what}, {n} process{'es' if n > 1 else ''}",
+        _prototype(script, n),
+        _need_peers,
+    )
+    for name, script, what in (
+        ("curl-multi", "curl_multi.py", "pycurl CurlMulti, one thread"),
+        ("selector", "selector_loop.py", "selectors + non-blocking sockets, one thread"),
+    )
+    for n in (1, 2)
+]
+
 _QUIET_PEERS = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
 
 TOOLS: dict[str, Tool] = {
@@ -305,6 +346,7 @@ TOOLS: dict[str, Tool] = {
             _peer("notebook_sequential.py", with_concurrency=False),
             _need_peers,
         ),
+        *PROTOTYPE_TOOLS,
     ]
 }
 
