@@ -175,7 +175,7 @@ def test_read_timeout_is_enforced_by_the_kernel_timeout() -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
         server.stopping.wait(5)
 
-    pool = ConnectionPool(per_host=1, num_pools=1, insecure=False)
+    pool = ConnectionPool(per_host=1, max_idle=1, insecure=False)
     with FaultServer(stall) as server:
         request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
         response_ = pool.request(
@@ -194,6 +194,41 @@ def test_read_timeout_is_enforced_by_the_kernel_timeout() -> None:
     pool.clear()
     assert info.value.code is ErrorCode.READ_TIMEOUT
     assert 0.2 < waited < 3.0
+
+
+def test_the_idle_budget_is_over_all_hosts_least_recently_used_first() -> None:
+    """Many hosts keep a few idle connections each (a budget in connections, not in hosts
+    times per_host), the least recently used host's oldest connection goes first, and a host
+    whose connections were all taken leaves nothing behind."""
+    pool = ConnectionPool(per_host=4, max_idle=5, insecure=False)
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def connection(host: str) -> Connection:
+        ours, theirs = socket.socketpair()
+        pairs.append((ours, theirs))
+        return Connection(ours, ("http", host, 80, "127.0.0.1"), 1.0)
+
+    def key(host: str) -> tuple[str, str, int, str]:
+        return ("http", host, 80, "127.0.0.1")
+
+    try:
+        first = [connection("a"), connection("a")]
+        for conn in first:
+            pool.put(conn)
+        for host in ("b", "c", "d"):
+            pool.put(connection(host))
+        pool.put(connection("e"))  # the sixth: a's oldest is closed
+        assert first[0].sock.fileno() == -1 and first[1].sock.fileno() != -1
+        for host in ("a", "b", "c", "d", "e"):  # every host kept one
+            taken = pool._take_idle(key(host))
+            assert taken is not None and taken.reused
+            assert pool._take_idle(key(host)) is None
+        assert not pool._idle and pool._idle_count == 0  # no empty lists left behind
+    finally:
+        pool.clear()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 # -- review fixes: TLS deadlines and leftovers, request splitting, framing, CPU -----------------
@@ -308,7 +343,7 @@ def test_the_pool_hands_a_released_connection_out_of_the_attempts_watch() -> Non
     """The watch reaches the pool as an argument: the socket is under the attempt's deadline
     while its response is read, and out of it once released to the pool, so an expiry then
     leaves the connection (reused by the next request) alone."""
-    pool = ConnectionPool(per_host=1, num_pools=1, insecure=False)
+    pool = ConnectionPool(per_host=1, max_idle=1, insecure=False)
     watchdog = Watchdog(time.monotonic)
     try:
         with FaultServer(serve_forever_keepalive(lambda request: response(200, b"ok"))) as s:

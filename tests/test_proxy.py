@@ -450,7 +450,7 @@ def test_idle_proxy_connections_are_kept_for_every_fetch_thread() -> None:
     (one per fetch), where a target's key keeps ``per_host``."""
     from fetchpool.fetch.http11 import Connection, ConnectionPool
 
-    pool = ConnectionPool(per_host=1, num_pools=4, insecure=False, shared_idle=3)
+    pool = ConnectionPool(per_host=1, max_idle=4, insecure=False, shared_idle=3)
     pairs = [socket.socketpair() for _ in range(8)]
     try:
         shared = ("http", "", 0, "via 127.0.0.1:3128")

@@ -349,11 +349,11 @@ def test_case_42_fetch_concurrency_fits_in_ulimit_n() -> None:
     from fetchpool.fetch.client import FD_RESERVE, fd_budget
 
     for soft in (64, 100, 256, 1024, 65536):
-        for threads, per_host in ((1, 1), (32, 8), (256, 8), (4096, 64)):
-            concurrent, pools = fd_budget(threads, per_host, soft)
-            assert 1 <= concurrent <= threads and pools >= 1
+        for threads in (1, 32, 256, 4096):
+            concurrent, idle = fd_budget(threads, soft)
+            assert 1 <= concurrent <= threads and idle >= 1
             if soft >= FD_RESERVE + 3 * threads:
                 assert concurrent == threads  # a roomy limit never slows a run down
-            if soft >= FD_RESERVE + 3 + per_host:
+            if soft >= FD_RESERVE + 3:
                 # sockets + temp files of running fetches + idle pooled sockets fit
-                assert FD_RESERVE + 2 * concurrent + pools * per_host <= soft
+                assert FD_RESERVE + 2 * concurrent + idle <= soft

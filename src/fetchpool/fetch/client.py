@@ -57,8 +57,8 @@ __all__ = [
     "clean_header_value",
 ]
 
-#: Pools kept alive at once (one per host and address); older ones are closed first.
-NUM_POOLS = 1024
+#: Idle keep-alive connections kept at most, over all hosts; the least recently used go first.
+MAX_IDLE = 1024
 #: File descriptors left for everything but fetches: the journal (db, WAL, shm, lock), the
 #: run's directory fsyncs, logs, stdio and the image stage's pipes.
 FD_RESERVE = 64
@@ -96,14 +96,14 @@ class HttpFetcher:
         self._tmp_dir = Path(tmp_dir)
         self._clock = clock
         self._watchdog = Watchdog(clock)
-        concurrent, pools = fd_budget(config.threads, config.per_host)
+        concurrent, idle = fd_budget(config.threads)
         # More fetches than descriptors would fail items with EMFILE (RELIABILITY.md case
         # 42): the extra threads wait here instead, before their attempt's clock starts.
         self._slots = threading.BoundedSemaphore(concurrent)
         self._policy = Policy(config, hand_back_redirects=hand_back_redirects)
         if transport is None:
             guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
-            transport = H1Transport(config, guard, concurrent=concurrent, pools=pools)
+            transport = H1Transport(config, guard, concurrent=concurrent, idle=idle)
         self._transport = transport
         self._sink = sink
 
@@ -196,16 +196,17 @@ class HttpFetcher:
 class H1Transport:
     """:class:`~fetchpool.fetch.transport.Transport` over HTTP/1.1: the guard checks every
     hop's addresses (after DNS) and the pool connects only to those, or to the proxy that
-    the request's route names. ``concurrent`` fetches at once share ``pools`` kept pools.
+    the request's route names. ``concurrent`` fetches at once; at most ``idle`` keep-alive
+    connections are kept between requests, over all hosts.
     """
 
     def __init__(
-        self, config: FetchConfig, guard: AddressGuard, *, concurrent: int, pools: int
+        self, config: FetchConfig, guard: AddressGuard, *, concurrent: int, idle: int
     ) -> None:
         self._guard = guard
         self._pool = ConnectionPool(
             per_host=config.per_host,
-            num_pools=pools,
+            max_idle=idle,
             insecure=config.insecure,
             shared_idle=concurrent,  # one proxy connection per fetch (fetchpool.proxies)
             ca_data=config.ca_pem[1] if config.ca_pem is not None else None,
@@ -293,18 +294,23 @@ class H1Transport:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def fd_budget(threads: int, per_host: int, soft_limit: int | None = None) -> tuple[int, int]:
-    """(fetches at once, connection pools kept) that fit in ``ulimit -n`` (``soft_limit``).
+def fd_budget(threads: int, soft_limit: int | None = None) -> tuple[int, int]:
+    """(fetches at once, idle keep-alive connections kept) that fit in ``ulimit -n``
+    (``soft_limit``).
 
-    A fetch holds a socket and a temp file; each kept pool may hold ``per_host`` idle
-    keep-alive sockets. Two thirds of the spare descriptors go to fetches, the rest to idle
-    connections, never fewer than one fetch and one pool.
+    A fetch holds a socket and a temp file; every idle keep-alive connection holds a socket.
+    Two thirds of the spare descriptors go to fetches, the rest to idle connections, never
+    fewer than one of each, and never more idle ones than :data:`MAX_IDLE` (each costs
+    memory, a TLS one tens of kilobytes). The idle budget is counted in connections over all
+    hosts, not in hosts times ``per_host``: a run over hundreds of hosts keeps a few idle
+    connections for each instead of ``per_host`` for the few it touched last (which, with a
+    tight ``ulimit -n``, lost keep-alive on every host but those).
     """
     if soft_limit is None:
         soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
-        return threads, NUM_POOLS
+        return threads, MAX_IDLE
     spare = max(0, soft_limit - FD_RESERVE)
     concurrent = max(1, min(threads, spare // 3))
-    pools = max(1, min(NUM_POOLS, (spare - 2 * concurrent) // per_host))
-    return concurrent, pools
+    idle = max(1, min(MAX_IDLE, spare - 2 * concurrent))
+    return concurrent, idle

@@ -381,7 +381,8 @@ class ConnectionPool:
 
     A connection opened to one address is only ever reused for a request that the guard
     checked against that same address. At most ``per_host`` idle connections are kept per
-    key and ``num_pools`` keys (the least recently used key's connections are closed first).
+    key and ``max_idle`` over all keys: past it, the least recently used key's oldest
+    connection is closed first, so a run over many hosts keeps a few for each.
     A key without a host (``("http", "", 0, route)``: plain requests to a proxy, for any
     target) keeps up to ``shared_idle`` (default ``per_host``): every fetch thread may use it.
     Thread-safe.
@@ -391,7 +392,7 @@ class ConnectionPool:
         self,
         *,
         per_host: int,
-        num_pools: int,
+        max_idle: int,
         insecure: bool,
         shared_idle: int | None = None,
         ca_data: str | None = None,
@@ -399,7 +400,8 @@ class ConnectionPool:
     ) -> None:
         self._per_host = per_host
         self._shared_idle = shared_idle or per_host
-        self._num_pools = num_pools
+        self._max_idle = max_idle
+        self._idle_count = 0  # connections in _idle, over all keys
         self._insecure = insecure
         self._ca = (ca_data, ca_directory)
         self._tls: ssl.SSLContext | None = None
@@ -545,7 +547,11 @@ class ConnectionPool:
                 if not idle:
                     return None
                 conn = idle.pop()
-                self._idle.move_to_end(key)
+                self._idle_count -= 1
+                if idle:
+                    self._idle.move_to_end(key)
+                else:  # no empty lists kept: a run over millions of hosts stays flat
+                    del self._idle[key]
             if not conn.dropped():
                 conn.reused = True
                 return conn
@@ -554,6 +560,7 @@ class ConnectionPool:
     def _drop_idle(self, key: Key) -> None:
         with self._lock:
             idle = self._idle.pop(key, [])
+            self._idle_count -= len(idle)
         for conn in idle:
             conn.close()
 
@@ -564,25 +571,32 @@ class ConnectionPool:
             if self._closed:
                 evicted.append(conn)
             else:
-                idle = self._idle.get(conn.key)
-                if idle is None:
-                    idle = self._idle[conn.key] = []
-                    while len(self._idle) > self._num_pools:
-                        _, oldest = self._idle.popitem(last=False)
-                        evicted.extend(oldest)
-                else:
-                    self._idle.move_to_end(conn.key)
+                idle = self._idle.setdefault(conn.key, [])
+                self._idle.move_to_end(conn.key)
                 if len(idle) < (self._per_host if conn.key[1] else self._shared_idle):
                     idle.append(conn)
+                    self._idle_count += 1
                 else:
                     evicted.append(conn)
+                while self._idle_count > self._max_idle:
+                    evicted.append(self._evict_oldest())
         for extra in evicted:
             extra.close()
+
+    def _evict_oldest(self) -> Connection:
+        """Take the oldest idle connection of the least recently used key (lock held)."""
+        key, idle = next(iter(self._idle.items()))
+        conn = idle.pop(0)
+        self._idle_count -= 1
+        if not idle:
+            del self._idle[key]
+        return conn
 
     def clear(self) -> None:
         """Close every idle connection; connections in use are closed when released."""
         with self._lock:
             self._closed = True
+            self._idle_count = 0
             pools, self._idle = list(self._idle.values()), collections.OrderedDict()
         for connections in pools:
             for conn in connections:
