@@ -223,7 +223,7 @@ def test_the_idle_budget_is_over_all_hosts_least_recently_used_first() -> None:
             taken = pool._take_idle(key(host))
             assert taken is not None and taken.reused
             assert pool._take_idle(key(host)) is None
-        assert not pool._idle and pool._idle_count == 0  # no empty lists left behind
+        assert len(pool._idle) == 0 and pool._idle.clear() == []  # no empty lists left
     finally:
         pool.clear()
         for ours, theirs in pairs:

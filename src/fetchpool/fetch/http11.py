@@ -24,7 +24,6 @@ item's error code; nothing else escapes, except :class:`KeyboardInterrupt` and f
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import select
 import socket
@@ -43,6 +42,7 @@ from fetchpool.fetch.h1 import (
     parse_head,
     protocol_error,
 )
+from fetchpool.fetch.idle import IdleConnections
 from fetchpool.models import ErrorCode
 from fetchpool.proxies import refusal
 
@@ -400,12 +400,10 @@ class ConnectionPool:
     ) -> None:
         self._per_host = per_host
         self._shared_idle = shared_idle or per_host
-        self._max_idle = max_idle
-        self._idle_count = 0  # connections in _idle, over all keys
         self._insecure = insecure
         self._ca = (ca_data, ca_directory)
         self._tls: ssl.SSLContext | None = None
-        self._idle: collections.OrderedDict[Key, list[Connection]] = collections.OrderedDict()
+        self._idle: IdleConnections[Connection] = IdleConnections(max_idle)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -543,15 +541,9 @@ class ConnectionPool:
     def _take_idle(self, key: Key) -> Connection | None:
         while True:
             with self._lock:
-                idle = self._idle.get(key)
-                if not idle:
-                    return None
-                conn = idle.pop()
-                self._idle_count -= 1
-                if idle:
-                    self._idle.move_to_end(key)
-                else:  # no empty lists kept: a run over millions of hosts stays flat
-                    del self._idle[key]
+                conn = self._idle.take(key)
+            if conn is None:
+                return None
             if not conn.dropped():
                 conn.reused = True
                 return conn
@@ -559,45 +551,22 @@ class ConnectionPool:
 
     def _drop_idle(self, key: Key) -> None:
         with self._lock:
-            idle = self._idle.pop(key, [])
-            self._idle_count -= len(idle)
+            idle = self._idle.pop_key(key)
         for conn in idle:
             conn.close()
 
     def put(self, conn: Connection) -> None:
         """Keep ``conn`` for reuse (or close it when the pool for its key is full)."""
-        evicted: list[Connection] = []
+        cap = self._per_host if conn.key[1] else self._shared_idle
         with self._lock:
-            if self._closed:
-                evicted.append(conn)
-            else:
-                idle = self._idle.setdefault(conn.key, [])
-                self._idle.move_to_end(conn.key)
-                if len(idle) < (self._per_host if conn.key[1] else self._shared_idle):
-                    idle.append(conn)
-                    self._idle_count += 1
-                else:
-                    evicted.append(conn)
-                while self._idle_count > self._max_idle:
-                    evicted.append(self._evict_oldest())
+            evicted = [conn] if self._closed else self._idle.put(conn.key, conn, cap)
         for extra in evicted:
             extra.close()
-
-    def _evict_oldest(self) -> Connection:
-        """Take the oldest idle connection of the least recently used key (lock held)."""
-        key, idle = next(iter(self._idle.items()))
-        conn = idle.pop(0)
-        self._idle_count -= 1
-        if not idle:
-            del self._idle[key]
-        return conn
 
     def clear(self) -> None:
         """Close every idle connection; connections in use are closed when released."""
         with self._lock:
             self._closed = True
-            self._idle_count = 0
-            pools, self._idle = list(self._idle.values()), collections.OrderedDict()
-        for connections in pools:
-            for conn in connections:
-                conn.close()
+            idle = self._idle.clear()
+        for conn in idle:
+            conn.close()
