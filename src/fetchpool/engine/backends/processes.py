@@ -36,6 +36,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +84,17 @@ def check_fetcher(factory: FetcherFactory) -> None:
         ) from exc
 
 
+#: A worker's startup error is cut to this many characters in each item's message.
+_MESSAGE_LIMIT = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _StartupFailed:
+    """A worker's only message when it could not build its fetcher or writer: why."""
+
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """What a fetch worker process builds its fetcher (and files writer) from."""
@@ -101,8 +113,13 @@ def _worker_main(conn: Connection, spec: WorkerSpec, parent_pid: int) -> None:
     from fetchpool.heap import keep_heap_trimmed
 
     keep_heap_trimmed()
-    fetcher = spec.fetcher(Path(spec.tmp_dir))
-    writer = spec.writer() if spec.writer is not None else None
+    try:
+        fetcher = spec.fetcher(Path(spec.tmp_dir))
+        writer = spec.writer() if spec.writer is not None else None
+    except Exception as exc:  # noqa: BLE001 - the caller's factory: its error is the message
+        with contextlib.suppress(OSError):
+            conn.send(_StartupFailed(f"{type(exc).__name__}: {exc}"[:_MESSAGE_LIMIT]))
+        os._exit(1)
     outbox = _Outbox(conn)
     pid = f"pid-{os.getpid()}"
 
@@ -174,6 +191,8 @@ class _Worker:
         self.outbox: list[tuple[int, Job, int]] = []  # submitted, sent at the next flush
         self.send_lock = threading.Lock()
         self.alive = True
+        #: Why the process could not start (its factories raised), once it said so.
+        self.startup_failure: str | None = None
 
 
 class ProcessFetchPool:
@@ -293,10 +312,16 @@ class ProcessFetchPool:
                 batch = worker.conn.recv()
             except (EOFError, OSError):
                 break
+            if isinstance(batch, _StartupFailed):
+                worker.startup_failure = batch.reason
+                continue
             for task_id, record, task in batch:
                 with self._lock:
                     _job, label = worker.in_flight.pop(task_id)
                 self._on_done(Done(task_id, label, record, None, task))
+        # The pipe ends as the process exits: wait a moment for its exit code, which the
+        # message of each lost item gives (else it reads "exited (None)").
+        worker.process.join(_REAP_SECONDS)
         with self._lock:
             worker.alive = False
             lost = list(worker.in_flight)
@@ -310,9 +335,23 @@ class ProcessFetchPool:
         if entry is None:
             return
         job, label = entry
-        record = Record.for_job(job).fail(
-            ErrorCode.INTERNAL_ERROR,
-            f"fetch worker process {worker.process.name} exited ({worker.process.exitcode})",
-        )
+        record = Record.for_job(job).fail(ErrorCode.INTERNAL_ERROR, _gone(worker))
         now = time.time()
         self._on_done(Done(task_id, label, record, None, TaskRecord(task_id, now, now, "", "")))
+
+
+#: Seconds a reader waits for a worker whose pipe ended to be reaped (its exit code).
+_REAP_SECONDS = 1.0
+
+
+def _gone(worker: _Worker) -> str:
+    """Why ``worker`` took its items with it: the error its factories raised, or how it
+    ended (a negative exit code is the signal that killed it)."""
+    name = worker.process.name
+    if worker.startup_failure is not None:
+        return f"fetch worker process {name} could not start: {worker.startup_failure}"
+    code = worker.process.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"fetch worker process {name} was killed by {signal.Signals(-code).name}"
+    return f"fetch worker process {name} exited ({code})"
