@@ -247,14 +247,6 @@ def test_a_hop_job_resumes_at_its_leg(tmp_dir: Path) -> None:
     assert seen == ["http://b.test/y"] and record.redirects == ["http://b.test/y"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HttpFetcher caps concurrent fetches by the descriptor budget of --threads "
-    "(fd_budget, a BoundedSemaphore) whatever its transport, so MockFetcher, whose "
-    "MockTransport opens no descriptor, runs at most FetchConfig().threads (32) fetches at "
-    "once where the old MockFetcher ran every fetch it was given; the fix belongs in "
-    "fetch/client.py (the slots go with H1Transport), a file this review may not edit",
-)
 def test_the_mock_runs_as_many_fetches_at_once_as_it_is_given(tmp_dir: Path) -> None:
     """A run with more threads than a default FetchConfig's 32 must reach the handler with
     all of them at once (a handler that waits for its peers, as a test of per-host limits or

@@ -21,10 +21,12 @@ about retries (``fetchpool.policies``). Only run-level problems raise: a full di
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from fetchpool.config import FetchConfig
@@ -96,12 +98,15 @@ class HttpFetcher:
         self._tmp_dir = Path(tmp_dir)
         self._clock = clock
         self._watchdog = Watchdog(clock)
-        concurrent, idle = fd_budget(config.threads)
-        # More fetches than descriptors would fail items with EMFILE (RELIABILITY.md case
-        # 42): the extra threads wait here instead, before their attempt's clock starts.
-        self._slots = threading.BoundedSemaphore(concurrent)
         self._policy = Policy(config, hand_back_redirects=hand_back_redirects)
+        # Fetches wait here, before their attempt's clock starts, when the transport would
+        # run out of something: the HTTP/1.1 wire's descriptors (more fetches than the
+        # budget would fail items with EMFILE, RELIABILITY.md case 42). A transport given
+        # by the caller (the mock opens no descriptor) brings its own limits.
+        self._slots: AbstractContextManager[object] = contextlib.nullcontext()
         if transport is None:
+            concurrent, idle = fd_budget(config.threads)
+            self._slots = threading.BoundedSemaphore(concurrent)
             guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
             transport = H1Transport(config, guard, concurrent=concurrent, idle=idle)
         self._transport = transport
