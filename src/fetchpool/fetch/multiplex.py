@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from fetchpool.config import FetchConfig
 from fetchpool.errors import DiskFullError, FetchError, FetchpoolError
+from fetchpool.fetch import transport
 from fetchpool.fetch.client import HttpFetcher, fd_budget
 from fetchpool.fetch.guard import Address, AddressGuard
 from fetchpool.fetch.h1 import HEAD_READ, Head, ResponseParser, WireError, protocol_error
@@ -313,10 +314,13 @@ class MultiplexFetcher:
         self._teardown()
 
     def _drain_wake(self) -> None:
-        self._woken = False
+        """Read the wake-up bytes, then clear the flag: in this order, a poster that saw the
+        flag set has its call in the inbox before the loop reads it (after this), and one
+        that sees it clear sends a byte that the next ``select`` finds."""
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
+        self._woken = False
 
     def _stop(self) -> None:
         self._stopping = True
@@ -514,16 +518,9 @@ class MultiplexFetcher:
         self._connect(task, key, connect_timeout)
 
     def _connect(self, task: _Task, key: Key, timeout: float) -> None:
-        ip = key[3]
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setblocking(False)
-            for option in SOCKET_OPTIONS:
-                sock.setsockopt(*option)
-            err = sock.connect_ex((ip, key[2]))
+            sock, err = transport.start_connect(key[3], key[2], SOCKET_OPTIONS)
         except OSError as exc:
-            sock.close()
             self._connect_failed(task, _connect_error(key, exc))
             return
         conn = _Conn(sock, key, key[0] == "https")
