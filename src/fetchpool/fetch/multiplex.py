@@ -76,8 +76,12 @@ log = logging.getLogger("fetchpool")
 
 #: Resolver threads: getaddrinfo blocks, and only names not in the guard's cache reach them.
 RESOLVER_THREADS = 4
-#: Threads that fsync, close and hand over finished bodies (the files writer links there).
-FINISHER_THREADS = 3
+#: Threads that fsync, close and hand over finished bodies (the files writer links there):
+#: one per this many attempts at once, within the bounds below. fsync waits on the disk with
+#: the GIL released; many at once let the filesystem commit them together (a W4 profile with
+#: 3 finishers spent most of its time queued behind them).
+FINISHER_SHARE = 8
+FINISHER_THREADS = (4, 32)
 #: Threads that carry requests through a proxy with the blocking driver.
 PROXY_LANE_THREADS = 4
 
@@ -248,7 +252,9 @@ class MultiplexFetcher:
         self._woken = False
         self._selector.register(self._wake_r, 1, None)  # EVENT_READ
         self._resolvers = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="resolve")
-        self._finishers = ThreadPoolExecutor(FINISHER_THREADS, thread_name_prefix="finish")
+        low, high = FINISHER_THREADS
+        finishers = max(low, min(high, self._concurrent // FINISHER_SHARE))
+        self._finishers = ThreadPoolExecutor(finishers, thread_name_prefix="finish")
         self._lane: ThreadPoolExecutor | None = None
         self._blocking: HttpFetcher | None = None
         self._lane_lock = threading.Lock()
