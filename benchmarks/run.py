@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import env, profile, report, web
 from harness.env import RESULTS_DIR, WORK_DIR, log
 from harness.origin import start_origin
-from harness.tools import TOOLS, RunContext, fetchpool_cmd
+from harness.tools import TOOLS, RunContext, fetchpool_cmd, fetchpool_mux_cmd
 from harness.workloads import WORKLOADS, load_json, run_startup, run_workload
 
 CORPUS_DIR = WORK_DIR / "corpus"
@@ -208,7 +208,9 @@ def main(argv: list[str]) -> int:
                 good_hashes if w.kind == "web" else None,
             )
         for key in args.profile:
-            _profile(key, origin, peers_py, args.quick)
+            # With fetchpool-mux among the tools, the profile is of the multiplexed engine.
+            mux = "fetchpool-mux" in (args.tools or "")
+            _profile(key, origin, peers_py, args.quick, mux=mux)
     results |= {
         "generated": started,
         "mode": "quick" if args.quick else "full",
@@ -234,7 +236,7 @@ def _help_cmd() -> list[str] | None:
     return [str(exe), "--help"] if exe else None
 
 
-def _profile(key: str, origin: object, peers_py: Path | None, quick: bool) -> None:
+def _profile(key: str, origin: object, peers_py: Path | None, quick: bool, *, mux: bool) -> None:
     if key not in WORKLOADS or peers_py is None:
         return
     w = WORKLOADS[key]
@@ -254,8 +256,9 @@ def _profile(key: str, origin: object, peers_py: Path | None, quick: bool) -> No
         ctx.urls_file.parent.mkdir(parents=True, exist_ok=True)
         urls = [origin.url(w.latency_ms, w.rel(i)) for i in range(n)]  # type: ignore[attr-defined]
         ctx.urls_file.write_text("\n".join(urls) + "\n")
-    log(f"profiling fetchpool on {key} with py-spy")
-    raw = profile.record(fetchpool_cmd(ctx), key, peers_py, ctx.out_dir)
+    log(f"profiling fetchpool{' --engine multiplexed' if mux else ''} on {key} with py-spy")
+    command = fetchpool_mux_cmd(ctx) if mux else fetchpool_cmd(ctx)
+    raw = profile.record(command, key, peers_py, ctx.out_dir)
     if raw:
         summary = profile.summarize(raw)
         (WORK_DIR / f"profile-{key}-summary.txt").write_text(summary)

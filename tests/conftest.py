@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import ENGINES
 from fetchpool.config import FetchConfig
 from fetchpool.fetch import HttpFetcher
 from fetchpool.fetch import transport as transport_module
@@ -45,8 +46,24 @@ def spy_connect(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
             raise ConnectionRefusedError(111, "refused by the test: not loopback")
         return real(ip, port, timeout, options)  # type: ignore[arg-type]
 
+    real_start = transport_module.start_connect
+
+    def spy_start(ip: str, port: int, options: object) -> tuple[socket.socket, int]:
+        attempts.append((ip, port))  # the multiplexed driver's non-blocking connects
+        if not ip.startswith("127."):
+            raise ConnectionRefusedError(111, "refused by the test: not loopback")
+        return real_start(ip, port, options)  # type: ignore[arg-type]
+
     monkeypatch.setattr(transport_module, "open_socket", spy)
+    monkeypatch.setattr(transport_module, "start_connect", spy_start)
     return attempts
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """A fetch engine's ``--engine`` name: a test that takes it runs on every engine."""
+    name: str = request.param
+    return name
 
 
 @pytest.fixture

@@ -221,3 +221,66 @@ def misbehaving_processor(src: str, dst: str, config: ImageConfig) -> ImageResul
         while True:  # an infinite loop, not a sleep: only a kill ends it
             pass
     return process_image(src, dst, config)
+
+
+# -- every engine -------------------------------------------------------------------------------
+
+
+def on_engine(module: Any, engine: str, monkeypatch: Any) -> None:
+    """Make ``module``'s ``download`` and ``cli`` run on ``engine``: ``download(...,
+    engine=engine)`` and ``fetchpool get ... --engine engine``. The reliability modules call
+    it from an autouse fixture over ENGINES, so every case runs on every engine."""
+    import functools
+
+    import fetchpool
+
+    monkeypatch.setattr(module, "download", functools.partial(fetchpool.download, engine=engine))
+
+    def cli_on(*args: str) -> list[str]:
+        command = cli(*args)
+        return [*command, "--engine", engine] if args[:1] == ("get",) else command
+
+    monkeypatch.setattr(module, "cli", cli_on)
+
+
+#: Why a case that patches this process (DNS, the file layer, the connect spy) skips the
+#: processes engine: its fetches run in worker processes that never see the patch.
+IN_THIS_PROCESS = (
+    "the case patches {what} in the test's process; --engine processes fetches in worker "
+    "processes (spawned), which never see the patch"
+)
+
+
+def skip_processes(engine: str, what: str) -> None:
+    if engine == "processes":
+        import pytest
+
+        pytest.skip(IN_THIS_PROCESS.format(what=what))
+
+
+def injected_resolver(
+    engine: str,
+    monkeypatch: Any,
+    resolver: Callable[[str, int], list[str]],
+    **guard: Any,
+) -> dict[str, Any]:
+    """``download()`` arguments under which the run's address guard resolves with
+    ``resolver`` (no real DNS). Threads: an injected fetcher, as before. Multiplexed: its
+    driver cannot be injected (a custom fetcher would run on threads), so the resolver and
+    the guard's cache TTL are patched into this process and ``allow_cidrs`` passed as the
+    option it is. Processes: skipped (:data:`IN_THIS_PROCESS`)."""
+    skip_processes(engine, "the address guard's resolver")
+    if engine == "threads":
+        return {"fetcher": injected_fetcher(resolver, **guard)}
+    from fetchpool.fetch import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "system_resolver", resolver)
+    if "cache_ttl" in guard:
+        defaults = AddressGuard.__init__.__kwdefaults__
+        assert defaults is not None
+        monkeypatch.setitem(defaults, "cache_ttl", guard["cache_ttl"])
+    kwargs: dict[str, Any] = {k: FAST[k] for k in ("connect_timeout", "read_timeout")}
+    kwargs["total_timeout"] = FAST["total_timeout"]
+    if "allow_cidrs" in guard:
+        kwargs["allow_cidrs"] = guard["allow_cidrs"]
+    return kwargs

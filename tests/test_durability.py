@@ -69,6 +69,7 @@ WDS = ("--format", "webdataset", "--shard-size", "25")
 PARQUET = ("--format", "parquet", "--shard-size", "25")
 FETCH_PROCESSES = ("--fetch-processes", "2")
 RESIZE = ("--resize", "32", "--processes", "2")
+MULTIPLEXED = engine_args("multiplexed")
 
 
 @pytest.fixture
@@ -94,6 +95,8 @@ KILL_VARIANTS: dict[str, tuple[str, ...]] = {
     "parquet-fetch-processes": (*PARQUET, *FETCH_PROCESSES),
     "files-resize": RESIZE,
     "webdataset-resize": (*WDS, *RESIZE),
+    "files-multiplexed": MULTIPLEXED,  # publishing on finisher threads, through the gate
+    "webdataset-multiplexed": (*WDS, *MULTIPLEXED),
 }
 
 #: Where each kill lands. "journal": as soon as ``state.db`` appears in a fresh OUT (before or
@@ -430,6 +433,8 @@ def _signal_cases() -> list[object]:
     ]
     cases += [case(signal.SIGTERM, "group", t, FETCH_PROCESSES, "fetch-processes") for t in (1, 2)]
     cases += [case(signal.SIGINT, "group", t, RESIZE, "resize") for t in (1, 2)]
+    cases += [case(signal.SIGINT, "pid", 1, MULTIPLEXED, "multiplexed")]
+    cases += [case(signal.SIGTERM, "group", 2, MULTIPLEXED, "multiplexed")]
     cases += [case(signal.SIGTERM, "group", 1, WDS, "webdataset")]
     cases += [case(signal.SIGTERM, "group", 1, PARQUET, "parquet")]
     return cases

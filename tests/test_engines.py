@@ -39,7 +39,9 @@ def test_the_registry_names_every_backend_module() -> None:
 
 
 def test_an_unknown_engine_is_refused_in_the_clis_words(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--engine 'warp': choose processes or threads"):
+    with pytest.raises(
+        ConfigError, match=r"--engine 'warp': choose multiplexed or processes or threads"
+    ):
         check_engine(FetchConfig(engine="warp"))
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="--engine 'warp'"):

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -36,12 +37,14 @@ from reliability_helpers import (
     content_server,
     final_files,
     free_port,
-    injected_fetcher,
+    injected_resolver,
     leftovers,
     make_cert,
     misbehaving_processor,
+    on_engine,
     records,
     sha,
+    skip_processes,
     tls_context,
 )
 from socketserver_faults import (
@@ -68,6 +71,20 @@ def assert_clean_failure(out: Path, record: object, code: ErrorCode) -> None:
     assert record.path is None  # type: ignore[attr-defined]
     assert final_files(out) == []
     assert leftovers(out) == []
+
+
+@pytest.fixture(autouse=True)
+def _on_every_engine(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case runs on every engine (``engine``: conftest, over ENGINES): ``download()``
+    and ``fetchpool get`` in this module get ``--engine``."""
+    on_engine(sys.modules[__name__], engine, monkeypatch)
+
+
+@pytest.fixture
+def spy_connect(spy_connect: list[tuple[str, int]], engine: str) -> list[tuple[str, int]]:
+    """conftest's connect spy; a case asserting on it cannot see a worker process's connects."""
+    skip_processes(engine, "the connect spy (transport.open_socket/start_connect)")
+    return spy_connect
 
 
 @pytest.fixture
@@ -253,7 +270,12 @@ def test_case_05_alternate_encodings_blocked(
     [["127.0.0.1"], ["10.1.2.3"], ["169.254.169.254"], ["::1"], ["93.184.216.34", "127.0.0.1"]],
 )
 def test_case_06_names_resolving_internal_blocked(
-    origin: Origin, tmp_path: Path, answer: list[str], spy_connect: list[tuple[str, int]]
+    origin: Origin,
+    tmp_path: Path,
+    answer: list[str],
+    spy_connect: list[tuple[str, int]],
+    engine: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     lookups: list[str] = []
 
@@ -265,7 +287,7 @@ def test_case_06_names_resolving_internal_blocked(
     report = download(
         [f"http://internal.test:{origin.port}/img/1.jpg"],
         out,
-        fetcher=injected_fetcher(resolver),
+        **injected_resolver(engine, monkeypatch, resolver),
         attempts=1,
     )
     (record,) = records(report)
@@ -280,6 +302,7 @@ def test_case_07_dns_rebinding_connects_only_to_the_checked_ip(
     tmp_path: Path,
     spy_connect: list[tuple[str, int]],
     monkeypatch: pytest.MonkeyPatch,
+    engine: str,
 ) -> None:
     # 127.0.0.1 plays the "public" address (explicitly allowed), 127.0.0.2 the internal one.
     trap = socket.socket()
@@ -302,7 +325,9 @@ def test_case_07_dns_rebinding_connects_only_to_the_checked_ip(
             out,
             # No DNS cache: each request sees the resolver's next answer, as in a rebinding
             # attack that outlasts the cache.
-            fetcher=injected_fetcher(resolver, allow_cidrs=("127.0.0.1/32",), cache_ttl=0),
+            **injected_resolver(
+                engine, monkeypatch, resolver, allow_cidrs=("127.0.0.1/32",), cache_ttl=0
+            ),
             threads=1,
         )
         trap.setblocking(False)
@@ -344,7 +369,7 @@ def test_case_08_duplicates_fetched_once_names_distinct_and_deterministic(
 
 
 def test_case_09_refused_unresolvable_tls_reset_are_connect_errors(
-    tmp_path: Path,
+    tmp_path: Path, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def tls_reset(sock: socket.socket, server: FaultServer) -> None:
         sock.recv(1024)  # the ClientHello
@@ -367,7 +392,7 @@ def test_case_09_refused_unresolvable_tls_reset_are_connect_errors(
         report = download(
             urls,
             tmp_path / "out",
-            fetcher=injected_fetcher(resolver, allow_cidrs=("127.0.0.0/8",)),
+            **injected_resolver(engine, monkeypatch, resolver, allow_cidrs=("127.0.0.0/8",)),
             attempts=3,
             backoff_base=0.01,
             backoff_max=0.05,

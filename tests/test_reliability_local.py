@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,12 +29,21 @@ from reliability_helpers import (
     final_files,
     leftovers,
     mounted_tmpfs,
+    on_engine,
     records,
     require_loopback_address,
     sha,
+    skip_processes,
 )
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _on_every_engine(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case runs on every engine (``engine``: conftest, over ENGINES): ``download()``
+    and ``fetchpool get`` in this module get ``--engine``."""
+    on_engine(sys.modules[__name__], engine, monkeypatch)
 
 
 def write_urls(path: Path, urls: list[str]) -> Path:
@@ -126,8 +136,9 @@ def _inject_enospc(monkeypatch: pytest.MonkeyPatch, on_call: int) -> None:
 
 
 def test_case_36_disk_full_injected(
-    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
+    skip_processes(engine, "the temp file layer (fsutil)")
     _inject_enospc(monkeypatch, on_call=4)
     out = tmp_path / "out"
     urls = _payload_urls(origin, 30, 50_000)
@@ -141,8 +152,9 @@ def test_case_36_disk_full_injected(
 
 
 def test_case_36_plain_rerun_after_disk_full_retries_the_item(
-    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
+    skip_processes(engine, "the temp file layer (fsutil)")
     _inject_enospc(monkeypatch, on_call=2)
     out = tmp_path / "out"
     urls = _payload_urls(origin, 5, 50_000)
@@ -190,8 +202,9 @@ def test_case_37_unusable_output_fails_fast_before_any_request(
 
 
 def test_case_38_fsync_io_error_never_marks_the_item_done(
-    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
+    skip_processes(engine, "os.fsync")
     real_fsync = os.fsync
     broken = {"left": 1}
 
@@ -345,7 +358,9 @@ def test_case_42_many_hosts_one_slow_low_ulimit_all_terminal(tmp_path: Path) -> 
             origin.stop()
 
 
-def test_case_42_fetch_concurrency_fits_in_ulimit_n() -> None:
+def test_case_42_fetch_concurrency_fits_in_ulimit_n(engine: str) -> None:
+    if engine != "threads":
+        pytest.skip("a unit test of client.fd_budget, which every engine sizes itself by")
     from fetchpool.fetch.client import FD_RESERVE, fd_budget
 
     for soft in (64, 100, 256, 1024, 65536):

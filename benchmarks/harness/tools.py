@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness import web
@@ -103,6 +103,13 @@ def fetchpool_cmd(ctx: RunContext) -> list[str]:
             str(ctx.processes),
         ]
     return cmd
+
+
+def fetchpool_mux_cmd(ctx: RunContext) -> list[str]:
+    """fetchpool on the multiplexed engine: the same command in the same round, but one
+    loop in one process (the engine takes no --fetch-processes)."""
+    one = replace(ctx, fetch_processes=1)
+    return [*fetchpool_cmd(one), "--engine", "multiplexed"]
 
 
 def wget2_cmd(ctx: RunContext) -> list[str]:
@@ -310,6 +317,12 @@ TOOLS: dict[str, Tool] = {
             fetchpool_cmd,
             _need_fetchpool,
             supports_resize=True,
+        ),
+        Tool(
+            "fetchpool-mux",
+            "fetchpool get --threads C --per-host C --engine multiplexed",
+            fetchpool_mux_cmd,
+            _need_fetchpool,
         ),
         Tool("wget2", "wget2 --max-threads C -i urls", wget2_cmd, _need_binary("wget2")),
         Tool("curl", "curl --parallel --parallel-max C -K cfg", curl_cmd, _need_binary("curl")),

@@ -86,6 +86,7 @@ WORKLOADS: dict[str, Workload] = {
             16,
             (
                 "fetchpool",
+                "fetchpool-mux",
                 "curl",
                 "wget2",
                 "aria2c",
@@ -115,7 +116,7 @@ WORKLOADS: dict[str, Workload] = {
             5000,
             20,
             256,
-            ("fetchpool", "wget2", "curl"),
+            ("fetchpool", "fetchpool-mux", "wget2", "curl"),
             kind="small",
             timeout_s=900.0,
             fetch_processes=2,

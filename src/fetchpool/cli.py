@@ -160,8 +160,9 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 @click.option(
     "--engine",
     type=click.Choice(list(BACKENDS)),
-    help="Where fetches run: threads (in this process) or processes (--fetch-processes "
-    "workers). [default: processes with --fetch-processes 2+, else threads]",
+    help="Where fetches run: threads (in this process), processes (--fetch-processes "
+    "workers) or multiplexed (one loop thread driving many connections, in this process). "
+    "[default: processes with --fetch-processes 2+, else threads]",
 )
 @click.option(
     "--fetch-processes",

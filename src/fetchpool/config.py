@@ -322,6 +322,12 @@ class FetchConfig:
             f"--fetch-processes {self.fetch_processes} runs fetches in worker processes: it "
             "goes with --engine processes (or without --engine), not --engine threads",
         )
+        _check(
+            engine != "multiplexed" or self.fetch_processes == 1,
+            f"--fetch-processes {self.fetch_processes} runs fetches in worker processes, "
+            "each with fetch threads: --engine multiplexed runs one loop in this process "
+            "and takes no --fetch-processes (yet)",
+        )
 
     def _check_trust(self) -> None:
         """Read and check ``ca_certificate`` (kept in ``ca_pem``) and ``ca_directory``."""

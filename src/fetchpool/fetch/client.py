@@ -131,6 +131,13 @@ class HttpFetcher:
                 attempt.record.finished = time.time()
             return attempt.record
 
+    def resume(self, attempt: Attempt, request: Request) -> None:
+        """Carry ``attempt`` on from ``request`` (made by another driver) until it ends; raises
+        :class:`FetchError` as :meth:`fetch` records it. The multiplexed driver hands a
+        request through a proxy to this blocking driver (:mod:`fetchpool.fetch.multiplex`)."""
+        with self._watchdog.watch(attempt.deadline) as watch:
+            self._drive(attempt, request, watch)
+
     def close(self) -> None:
         """Close every pooled connection and stop the deadline watchdog."""
         self._watchdog.close()

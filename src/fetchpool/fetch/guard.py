@@ -173,6 +173,23 @@ class AddressGuard:
             self.check(host, address)
         return addresses
 
+    def resolve_cached(self, host: str, port: int) -> list[Address] | None:
+        """:meth:`resolve` when it needs no DNS query (an address literal, or a name in the
+        cache): a non-blocking driver calls it on its loop, and :meth:`resolve` on a resolver
+        thread only when this gives None. Raises as :meth:`resolve` does."""
+        literal = parse_literal(host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            with self._cache_lock:
+                hit = self._cache.get((host.lower(), port))
+                if hit is None or hit[0] <= self._clock():
+                    return None
+                addresses = hit[1]
+        for address in addresses:
+            self.check(host, address)
+        return addresses
+
     def lookup(self, host: str, port: int) -> list[Address]:
         """Every address of ``host``, **unchecked**: only for the proxy the user named
         (``--proxy`` or the environment), which may well live on a private network."""

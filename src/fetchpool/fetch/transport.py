@@ -28,7 +28,7 @@ from fetchpool.fetch.policy import ResponseHead
 if TYPE_CHECKING:
     from fetchpool.fetch.policy import Attempt, Request
 
-__all__ = ["Transport", "Watch", "Watchdog", "WireResponse", "open_socket"]
+__all__ = ["Transport", "Watch", "Watchdog", "WireResponse", "open_socket", "start_connect"]
 
 
 class WireResponse(ResponseHead, Protocol):
@@ -81,6 +81,24 @@ def open_socket(
         sock.close()
         raise
     return sock
+
+
+def start_connect(
+    ip: str, port: int, options: Sequence[tuple[int, int, int | bytes]] | None
+) -> tuple[socket.socket, int]:
+    """Start a non-blocking TCP connection to exactly ``ip`` (no name resolution): the socket
+    and ``connect_ex``'s errno (0: connected, EINPROGRESS: under way). The multiplexed
+    driver's :func:`open_socket`, module level for the same reason (tests observe it)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        for option in options or ():
+            sock.setsockopt(*option)
+        return sock, sock.connect_ex((ip, port))
+    except BaseException:
+        sock.close()
+        raise
 
 
 class Watch:

@@ -5,7 +5,9 @@ one module here behind :class:`FetchBackend`:
 
 * :mod:`~fetchpool.engine.backends.threads` — fetch threads in the run's own process;
 * :mod:`~fetchpool.engine.backends.processes` — ``--fetch-processes`` worker processes,
-  each with its own threads (and its own GIL).
+  each with its own threads (and its own GIL);
+* :mod:`~fetchpool.engine.backends.multiplexed` — one selector loop thread driving many
+  non-blocking connections (:mod:`fetchpool.fetch.multiplex`).
 
 A new engine is one more module with ``build(setup) -> FetchBackend`` and
 ``check_fetcher(factory)``, and one more line in :data:`BACKENDS`; the pipeline never names a
@@ -41,6 +43,7 @@ WriterFactory = Callable[[], "Writer"]
 BACKENDS: dict[str, str] = {
     "threads": "fetchpool.engine.backends.threads",
     "processes": "fetchpool.engine.backends.processes",
+    "multiplexed": "fetchpool.engine.backends.multiplexed",
 }
 
 
