@@ -36,7 +36,7 @@ import select
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -50,6 +50,7 @@ from fetchpool.fetch.client import HttpFetcher, fd_budget
 from fetchpool.fetch.guard import Address, AddressGuard
 from fetchpool.fetch.h1 import HEAD_READ, Head, ResponseParser, WireError, protocol_error
 from fetchpool.fetch.http11 import SOCKET_OPTIONS, Key, _tls_error, _verify_error, tls_context
+from fetchpool.fetch.idle import IdleConnections
 from fetchpool.fetch.policy import (
     CHUNK_SIZE,
     ERROR_BODY_LIMIT,
@@ -236,10 +237,10 @@ class MultiplexFetcher:
         self._clock = clock
         self._guard = guard or AddressGuard(config.allow_private_networks, config.allow_cidrs)
         self._policy = Policy(config, hand_back_redirects=hand_back_redirects)
-        self._concurrent, self._num_pools = fd_budget(config.threads, config.per_host)
+        self._concurrent, idle_budget = fd_budget(config.threads)
         self._tls: ssl.SSLContext | None = None
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
-        self._idle: OrderedDict[Key, list[_Conn]] = OrderedDict()
+        self._idle: IdleConnections[_Conn] = IdleConnections(idle_budget)
         self._heap: list[tuple[float, int, _Task]] = []
         self._seq = 0
         self._active: set[_Task] = set()
@@ -338,11 +339,9 @@ class MultiplexFetcher:
             task.phase = _DONE
         self._active.clear()
         self._pending.clear()
-        for conns in self._idle.values():
-            for conn in conns:
-                self._unregister(conn)
-                conn.close()
-        self._idle.clear()
+        for conn in self._idle.clear():
+            self._unregister(conn)
+            conn.close()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -507,13 +506,7 @@ class MultiplexFetcher:
         """A connection for the task's current address: an idle one, else a new one."""
         connect_timeout, task.read_timeout = task.attempt.timeouts()
         key = self._key(task)
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if not idle:
-                del self._idle[key]
-            else:
-                self._idle.move_to_end(key)
+        while (conn := self._idle.take(key)) is not None:
             if conn.dropped():
                 self._unregister(conn)
                 conn.close()
@@ -673,7 +666,7 @@ class MultiplexFetcher:
         conn = task.conn
         assert conn is not None
         self._close_conn(task)
-        for sibling in self._idle.pop(conn.key, []):
+        for sibling in self._idle.pop_key(conn.key):
             self._unregister(sibling)
             sibling.close()
         if task.stale_retried:  # a new connection is never stale; defensive only
@@ -905,7 +898,8 @@ class MultiplexFetcher:
 
     def _release_conn(self, task: _Task) -> None:
         """Keep the connection when its answer was read to the end and the server allows
-        it (at most ``per_host`` idle per key, ``num_pools`` keys); close it otherwise."""
+        it (:class:`~fetchpool.fetch.idle.IdleConnections`: at most ``per_host`` idle per
+        key, the descriptor budget's share over all keys); close it otherwise."""
         conn, parser = task.conn, task.parser
         if conn is None or parser is None or not parser.reusable:
             self._close_conn(task)
@@ -913,28 +907,12 @@ class MultiplexFetcher:
         task.conn = None
         conn.task = None
         self._watch(conn, 1)  # an idle connection that turns readable is dropped
-        idle = self._idle.get(conn.key)
-        if idle is None:
-            idle = self._idle[conn.key] = []
-            while len(self._idle) > self._num_pools:
-                _, oldest = self._idle.popitem(last=False)
-                for old in oldest:
-                    self._unregister(old)
-                    old.close()
-        else:
-            self._idle.move_to_end(conn.key)
-        if len(idle) < self._config.per_host:
-            idle.append(conn)
-        else:
-            self._unregister(conn)
-            conn.close()
+        for closed in self._idle.put(conn.key, conn, self._config.per_host):
+            self._unregister(closed)
+            closed.close()
 
     def _drop_idle(self, conn: _Conn) -> None:
-        idle = self._idle.get(conn.key)
-        if idle is not None and conn in idle:
-            idle.remove(conn)
-            if not idle:
-                del self._idle[conn.key]
+        self._idle.remove(conn.key, conn)
         self._unregister(conn)
         conn.close()
 
