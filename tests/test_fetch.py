@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fetch_helpers import CONFIG, JPEG
 from fetchpool.config import FetchConfig
 from fetchpool.fetch import AddressGuard, HttpFetcher, MockFetcher, MockResponse
 from fetchpool.fetch import transport as transport_module
@@ -32,17 +33,6 @@ from socketserver_faults import (
     reset,
     response,
     serve_forever_keepalive,
-)
-
-JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40
-CONFIG = FetchConfig(
-    allow_private_networks=True,
-    connect_timeout=1.0,
-    read_timeout=1.0,
-    total_timeout=5.0,
-    min_speed=0,
-    max_bytes=1024 * 1024,
-    user_agent="fetchpool-test/1",
 )
 
 

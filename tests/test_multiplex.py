@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fetch_helpers import CONFIG, JPEG
 from fetchpool.config import FetchConfig
 from fetchpool.fetch import AddressGuard
 from fetchpool.fetch.multiplex import MultiplexFetcher
@@ -23,17 +24,6 @@ from fetchpool.models import ErrorCode, Job, Record, Status
 from forward_proxy import ForwardProxy
 from reliability_helpers import make_cert, tls_context
 from socketserver_faults import FaultServer, read_request, response, serve_forever_keepalive
-
-CONFIG = FetchConfig(
-    allow_private_networks=True,
-    connect_timeout=1.0,
-    read_timeout=1.0,
-    total_timeout=5.0,
-    min_speed=0,
-    max_bytes=1024 * 1024,
-    user_agent="fetchpool-test/1",
-)
-BODY = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40
 
 
 @pytest.fixture
@@ -85,7 +75,7 @@ def assert_failed(record: Record, code: ErrorCode, tmp_dir: Path) -> None:
     assert os.listdir(tmp_dir) == [], "a failed fetch must leave no temp file"
 
 
-def keepalive(body: bytes = BODY) -> Callable[[socket.socket, FaultServer], None]:
+def keepalive(body: bytes = JPEG) -> Callable[[socket.socket, FaultServer], None]:
     return serve_forever_keepalive(lambda _: response(200, body, {"Content-Type": "image/jpeg"}))
 
 
@@ -99,7 +89,7 @@ def test_plain_downloads_share_one_kept_alive_connection(
     with FaultServer(keepalive()) as server:
         first = fetch(fetcher, server.url("/a.jpg"))
         second = fetch(fetcher, server.url("/b.jpg"))
-    assert ok_body(first) == BODY and ok_body(second) == BODY
+    assert ok_body(first) == JPEG and ok_body(second) == JPEG
     assert first.temp_synced and first.extension == ".jpg" and first.http_status == 200
     assert first.worker == "fetch-loop", "the attempt ran on the loop thread"
     assert server.connections == 1
@@ -115,7 +105,7 @@ def test_many_attempts_at_once_within_the_threads_budget(
     fetcher = make(replace(CONFIG, threads=8, per_host=8))
     with FaultServer(keepalive()) as server:
         records = fetch_all(fetcher, [server.url(f"/{n}.jpg") for n in range(60)])
-    assert all(ok_body(r) == BODY for r in records)
+    assert all(ok_body(r) == JPEG for r in records)
     assert server.connections <= 8
 
 
@@ -132,10 +122,10 @@ def test_tls_download_trusts_exactly_what_the_options_say(
         trusted = make(replace(CONFIG, ca_certificate=certificate[0]))
         records = fetch_all(trusted, [server.url("/a.jpg"), server.url("/b.jpg")])
         insecure = fetch(make(replace(CONFIG, insecure=True)), server.url("/c.jpg"))
-        assert ok_body(insecure) == BODY
+        assert ok_body(insecure) == JPEG
         os.unlink(insecure.temp_path or "")
         for record in records:
-            assert ok_body(record) == BODY
+            assert ok_body(record) == JPEG
             os.unlink(record.temp_path or "")
         untrusted = fetch(make(), server.url("/d.jpg"))
         # The name is checked: the certificate names localhost and 127.0.0.1 only.
@@ -251,11 +241,11 @@ def test_a_kept_connection_that_dies_before_answering_is_retried_once(
         request = read_request(sock)
         server.record(request)
         if server.connections == 1:
-            sock.sendall(response(200, BODY))
+            sock.sendall(response(200, JPEG))
             answered.wait(5)
             server.record(read_request(sock))  # the next request arrives: drop it unanswered
             return
-        sock.sendall(response(200, BODY))
+        sock.sendall(response(200, JPEG))
         read_request(sock)
 
     fetcher = make()
@@ -263,7 +253,7 @@ def test_a_kept_connection_that_dies_before_answering_is_retried_once(
         first = fetch(fetcher, server.url("/a.jpg"))
         answered.set()
         second = fetch(fetcher, server.url("/b.jpg"))
-    assert ok_body(first) == BODY and ok_body(second) == BODY
+    assert ok_body(first) == JPEG and ok_body(second) == JPEG
     assert server.connections == 2
     paths = [r.split(b"\r\n")[0] for r in server.requests]
     assert paths == [b"GET /a.jpg HTTP/1.1", b"GET /b.jpg HTTP/1.1", b"GET /b.jpg HTTP/1.1"]
@@ -274,14 +264,14 @@ def test_an_idle_connection_the_server_closed_is_not_reused(
 ) -> None:
     def handler(sock: socket.socket, server: FaultServer) -> None:
         server.record(read_request(sock))
-        sock.sendall(response(200, BODY))  # keep-alive announced, then closed at once
+        sock.sendall(response(200, JPEG))  # keep-alive announced, then closed at once
 
     fetcher = make()
     with FaultServer(handler) as server:
         first = fetch(fetcher, server.url("/a.jpg"))
         time.sleep(0.2)
         second = fetch(fetcher, server.url("/b.jpg"))
-    assert ok_body(first) == BODY and ok_body(second) == BODY
+    assert ok_body(first) == JPEG and ok_body(second) == JPEG
     assert server.connections == 2 and len(server.requests) == 2
 
 
@@ -318,7 +308,7 @@ def test_addresses_are_tried_in_order_on_connect_error(
     )
     with FaultServer(keepalive()) as server:  # listens on 127.0.0.1 only
         record = fetch(make(guard=guard), f"http://two.test:{server.port}/a.jpg")
-    assert ok_body(record) == BODY
+    assert ok_body(record) == JPEG
     assert server.local_addresses == ["127.0.0.1"]
 
 
@@ -350,7 +340,7 @@ def test_a_request_through_a_proxy_runs_on_the_proxy_lane(
         fetcher = make(replace(CONFIG, proxy=proxy.url()))
         records = fetch_all(fetcher, [f"{target}/0.jpg", f"{target}/1.jpg"])
     for record in records:
-        assert ok_body(record) == BODY
+        assert ok_body(record) == JPEG
         assert record.worker == "fetch-loop"
     assert sorted(s.target for s in proxy.seen("GET")) == [f"{target}/0.jpg", f"{target}/1.jpg"]
 
